@@ -1,0 +1,342 @@
+"""`AEVB`: the variational auto-encoder trained with the SGVB lower bound (paper Algorithm 1)."""
+
+import math
+import warnings
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import ops
+
+from keras_aevb.estimator import ESTIMATOR_NAMES, resolve_estimator, sgvb_terms
+from keras_aevb.posterior import ReparameterizedPosterior, stateless_seed
+from keras_aevb.prior import make_prior
+
+METRIC_NAMES = ("loss", "elbo", "reconstruction_log_likelihood", "kl")
+
+
+@keras.saving.register_keras_serializable(package="keras_aevb")
+class AEVB(keras.Model):
+    """Auto-Encoding Variational Bayes: encoder, reparameterized posterior, decoder, SGVB bound.
+
+    Each training step is Algorithm 1 of the paper: draw a minibatch of M datapoints, draw
+    eps ~ p(eps) and z = g(eps, x), and ascend the gradient of the SGVB estimate of the bound
+
+        L(theta, phi; x) = E_q[log p(x|z)] - KL(q(z|x) || p(z))
+
+    with `estimator="analytic_kl"` (estimator B, eq. 7: KL in closed form, App. B) or
+    `"monte_carlo"` (estimator A, eq. 6), averaged over the minibatch. `"auto"` picks B where
+    `tfd.kl_divergence` knows the pair and A otherwise.
+
+    The metrics of `fit` and `evaluate` are nats per datapoint (summed over pixels and latent
+    dimensions, averaged over the batch): `loss` = -ELBO, `elbo`,
+    `reconstruction_log_likelihood` = 1/L sum_l log p(x|z_l), and `kl`; elbo = reconstruction - kl.
+
+    `weight_decay` is the paper's MAP prior p(theta) = N(0, I) on all weights, per datapoint: the
+    paper maximises sum_i L(x_i) + log p(theta), i.e. per datapoint mean_i L(x_i) + log p(theta) / N,
+    so the paper's setting is `weight_decay = 1 / N` (N training examples); the gradient step then
+    minimises -mean ELBO + weight_decay / 2 * ||theta||^2. The reported `loss` stays -ELBO (the
+    penalty is not a property of the data), so numbers compare across settings.
+
+    Args:
+        encoder: a layer x -> dict of posterior parameters (e.g. `MLPEncoder`).
+        decoder: a layer z -> parameters of p(x|z) with `distribution`, `mean`,
+            `log_likelihood` and `output_shape` (`BernoulliDecoder`, `GaussianDecoder`).
+        posterior: posterior family name; must match the encoder's.
+        prior: p(z): a name in `keras_aevb.prior.PRIORS`, a `tfd.Distribution` or a callable.
+        estimator: "analytic_kl", "monte_carlo" or "auto".
+        num_samples: L, samples of z per datapoint in training and evaluation.
+        weight_decay: 1/N times the precision of the Gaussian weight prior (see above).
+        seed: seed of the posterior's and the prior sampler's random generators.
+
+    Example:
+    >>> model = AEVB(MLPEncoder(2, (16,)), BernoulliDecoder((28, 28), (16,)), seed=0)
+    >>> model.compile(optimizer=keras.optimizers.Adagrad(0.02))
+    >>> history = model.fit(np.zeros((8, 28, 28), "float32"), epochs=1, verbose=0)
+    >>> sorted(history.history)
+    ['elbo', 'kl', 'loss', 'reconstruction_log_likelihood']
+
+    Reference: Kingma & Welling, Auto-Encoding Variational Bayes, arXiv:1312.6114.
+    """
+
+    def __init__(
+        self,
+        encoder,
+        decoder,
+        posterior="normal",
+        prior="standard_normal",
+        estimator="auto",
+        num_samples=1,
+        weight_decay=0.0,
+        seed=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        encoder_family = getattr(encoder, "posterior", posterior)
+        if encoder_family != posterior:
+            raise ValueError(
+                f"The encoder emits parameters of the {encoder_family!r} family but "
+                f"posterior={posterior!r}: build the encoder with posterior={posterior!r}."
+            )
+        if float(weight_decay) < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}.")
+        self.encoder = encoder
+        self.decoder = decoder
+        self.posterior = posterior
+        self.prior = prior
+        self.num_samples = int(num_samples)
+        self.weight_decay = float(weight_decay)
+        self.seed = seed
+        self.latent_dim = int(encoder.latent_dim)
+        self.posterior_layer = ReparameterizedPosterior(
+            family=posterior, num_samples=num_samples, seed=seed, name="posterior"
+        )
+        # The prior sampler has its own generator so that sample() does not shift the stream of
+        # training noise (a run with and without sampling callbacks trains identically).
+        self.prior_seed_generator = keras.random.SeedGenerator(
+            None if seed is None else seed + 1, name="prior_seed_generator"
+        )
+        self.prior_distribution = make_prior(prior, self.latent_dim)
+        reference_posterior = self.posterior_layer.distribution(
+            _reference_params(self.posterior_layer.param_names, self.latent_dim)
+        )
+        self.estimator = resolve_estimator(
+            estimator,
+            reference_posterior,
+            self.prior_distribution,
+            pair_name=f"posterior={posterior!r} and prior={_prior_name(prior)!r}",
+        )
+        self.trackers = {name: keras.metrics.Mean(name=name) for name in METRIC_NAMES}
+
+    # ---------------------------------------------------------------- building and calling
+
+    @property
+    def event_shape(self):
+        """The shape of one datapoint, as the decoder produces it."""
+        return tuple(self.decoder.output_shape)
+
+    def build(self, input_shape):
+        self.encoder.build(input_shape)
+        self.decoder.build((None, self.latent_dim))
+        self.built = True
+
+    def call(self, x, training=False):
+        """Reconstruction: decoder mean at the posterior mean (training=False) or a sample."""
+        x = self._as_event(x)
+        params = self.encoder(x, training=training)
+        z = self.posterior_layer(params, deterministic=not training)
+        return self.decoder.mean(self.decoder(z, training=training))
+
+    def _as_event(self, x):
+        """Reshapes x to `[batch, *event_shape]`; (28, 28), (28, 28, 1) and (784,) all fit."""
+        x = ops.convert_to_tensor(x)
+        if x.dtype != self.compute_dtype:
+            x = ops.cast(x, self.compute_dtype)
+        shape = tuple(x.shape[1:])
+        if shape == self.event_shape:
+            return x
+        if None not in shape and math.prod(shape) == math.prod(self.event_shape):
+            return ops.reshape(x, (-1, *self.event_shape))
+        raise ValueError(
+            f"Expected examples of shape {self.event_shape} ({math.prod(self.event_shape)} "
+            f"values; any shape with that many values is accepted), got {shape}."
+        )
+
+    # ---------------------------------------------------------------- the bound
+
+    def _terms(self, x, training, num_samples=None, seed=None):
+        x = self._as_event(x)
+        params = self.encoder(x, training=training)
+        posterior = self.posterior_layer.distribution(params)
+        z = self.posterior_layer.sample(params, num_samples, seed=seed)
+        outputs = self.decoder(z, training=training)
+        log_px_given_z = self.decoder.log_likelihood(x, outputs)
+        return sgvb_terms(log_px_given_z, posterior, self.prior_distribution, z, self.estimator)
+
+    def _weight_penalty(self):
+        if not self.weight_decay:
+            return 0.0
+        squares = [ops.sum(ops.square(v)) for v in self.trainable_variables]
+        return 0.5 * self.weight_decay * ops.sum(ops.stack(squares))
+
+    def train_step(self, data):
+        x, sample_weight = _unpack(data)
+        with tf.GradientTape() as tape:
+            terms = self._terms(x, training=True)
+            objective = -_weighted_mean(terms["elbo"], sample_weight) + self._weight_penalty()
+            # Under tf.distribute the replicas' gradients are summed: scale each replica's mean.
+            objective = objective / tf.distribute.get_strategy().num_replicas_in_sync
+            scaled = self.optimizer.scale_loss(objective)
+        gradients = tape.gradient(scaled, self.trainable_variables)
+        self.optimizer.apply(gradients, self.trainable_variables)
+        return self._update_metrics(terms, sample_weight)
+
+    def test_step(self, data):
+        x, sample_weight = _unpack(data)
+        terms = self._terms(x, training=False)
+        return self._update_metrics(terms, sample_weight)
+
+    def predict_step(self, data):
+        x, _ = _unpack(data)
+        return self(x, training=False)
+
+    def _update_metrics(self, terms, sample_weight):
+        values = dict(terms, loss=-terms["elbo"])
+        for name, tracker in self.trackers.items():
+            tracker.update_state(values[name], sample_weight=sample_weight)
+        return {name: tracker.result() for name, tracker in self.trackers.items()}
+
+    @property
+    def metrics(self):
+        return list(self.trackers.values())
+
+    # ---------------------------------------------------------------- input checks
+
+    def fit(self, x=None, y=None, *args, validation_data=None, **kwargs):
+        self._check_data(x)
+        if validation_data is not None:
+            self._check_data(
+                validation_data[0] if isinstance(validation_data, tuple) else validation_data
+            )
+        return super().fit(x, y, *args, validation_data=validation_data, **kwargs)
+
+    def evaluate(self, x=None, *args, **kwargs):
+        self._check_data(x)
+        return super().evaluate(x, *args, **kwargs)
+
+    def _check_data(self, x):
+        """Refuses data the likelihood cannot score; warns once about data it scores poorly.
+
+        Checked on arrays in full and on the first batch of a `tf.data.Dataset` (cheap; the graph
+        itself holds no asserts, which XLA would drop).
+        """
+        sample = _peek(x)
+        if sample is None:
+            return
+        self._as_event(sample[:1])
+        if not np.all(np.isfinite(sample)):
+            raise ValueError("The data hold NaN or infinite values; the bound would be NaN.")
+        message = self.decoder.check_data(sample)
+        if message:
+            seen = self.__dict__.setdefault("_warned", set())
+            if message not in seen:
+                seen.add(message)
+                warnings.warn(message, UserWarning, stacklevel=3)
+
+    # ---------------------------------------------------------------- user methods
+
+    def encode(self, x):
+        """The posterior's parameters for x, a dict of `[batch, latent_dim]` tensors."""
+        return self.encoder(self._as_event(x), training=False)
+
+    def decode(self, z):
+        """Decoder means for latent points z `[batch, latent_dim]` (probabilities if Bernoulli)."""
+        return self.decoder.mean(self.decoder(ops.convert_to_tensor(z), training=False))
+
+    def reconstruct(self, x):
+        """Decoder mean through the posterior mean: a deterministic reconstruction of x."""
+        return self(x, training=False)
+
+    def sample_z(self, num_samples, seed=None):
+        """Draws z ~ p(z), `[num_samples, latent_dim]`; `seed` (int or int32 pair) is stateless."""
+        seed = _stateless(seed) if seed is not None else stateless_seed(self.prior_seed_generator)
+        return self.prior_distribution.sample(int(num_samples), seed=seed)
+
+    def sample(self, num_samples, seed=None):
+        """Decoder means at z ~ p(z): new data from the generative model (paper Fig. 5)."""
+        return self.decode(self.sample_z(num_samples, seed=seed))
+
+    def elbo(self, x, num_samples=1, seed=None):
+        """Per-example SGVB estimate of the bound with L = `num_samples`, shape `[batch]`."""
+        return self._terms(x, training=False, num_samples=num_samples, seed=_stateless(seed))[
+            "elbo"
+        ]
+
+    def summary(self, *args, **kwargs):
+        print_fn = kwargs.get("print_fn") or print
+        super().summary(*args, **kwargs)
+        print_fn(self.describe())
+
+    def describe(self):
+        """One line naming the posterior, the prior and the estimator in use."""
+        return (
+            f"AEVB: posterior={self.posterior!r}, prior={_prior_name(self.prior)!r}, "
+            f"estimator={self.estimator!r} ({ESTIMATOR_NAMES[self.estimator]}), "
+            f"L={self.num_samples}, latent_dim={self.latent_dim}, weight_decay={self.weight_decay:g}"
+        )
+
+    # ---------------------------------------------------------------- serialization
+
+    def get_config(self):
+        if not isinstance(self.prior, str):
+            raise ValueError(
+                "This model's prior is a distribution or callable, which a config cannot hold: "
+                "save the weights (model.save_weights) and rebuild the model in code, or use a "
+                "named prior."
+            )
+        config = super().get_config()
+        config.update(
+            encoder=keras.saving.serialize_keras_object(self.encoder),
+            decoder=keras.saving.serialize_keras_object(self.decoder),
+            posterior=self.posterior,
+            prior=self.prior,
+            estimator=self.estimator,
+            num_samples=self.num_samples,
+            weight_decay=self.weight_decay,
+            seed=self.seed,
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["encoder"] = keras.saving.deserialize_keras_object(config["encoder"])
+        config["decoder"] = keras.saving.deserialize_keras_object(config["decoder"])
+        return cls(**config)
+
+
+def _reference_params(param_names, latent_dim):
+    return {name: tf.zeros([1, latent_dim]) for name in param_names}
+
+
+def _prior_name(prior):
+    return prior if isinstance(prior, str) else type(prior).__name__
+
+
+def _unpack(data):
+    x, _, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    return x, sample_weight
+
+
+def _weighted_mean(values, sample_weight):
+    if sample_weight is None:
+        return ops.mean(values)
+    sample_weight = ops.cast(ops.reshape(sample_weight, ops.shape(values)), values.dtype)
+    return ops.sum(values * sample_weight) / ops.maximum(ops.sum(sample_weight), 1e-12)
+
+
+def _stateless(seed):
+    if seed is None:
+        return None
+    if isinstance(seed, int):
+        return tf.constant([seed, 0], tf.int32)
+    return tf.cast(seed, tf.int32)
+
+
+def _peek(x):
+    """A NumPy view of the data to check: the array itself, or a dataset's first batch."""
+    if x is None:
+        return None
+    if isinstance(x, tf.data.Dataset):
+        element = next(iter(x.take(1)), None)
+        if element is None:
+            return None
+        x = element[0] if isinstance(element, tuple | list) else element
+    if isinstance(x, tuple | list) and x and not np.isscalar(x[0]):
+        x = x[0]
+    if isinstance(x, dict):
+        return None
+    try:
+        return np.asarray(x, dtype=np.float32)
+    except (TypeError, ValueError):
+        return None

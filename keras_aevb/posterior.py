@@ -1,0 +1,134 @@
+"""The reparameterized posterior layer: z = g(eps, phi), eps ~ p(eps) (paper eq. 4)."""
+
+import keras
+import tensorflow as tf
+from keras import ops
+
+from keras_aevb.families import check_reparameterized, get_family
+
+# Largest int32 for stateless seeds drawn from a SeedGenerator.
+_INT32_MAX = 2**31 - 1
+
+
+def stateless_seed(seed_generator):
+    """An int32 `[2]` stateless seed for TFP, drawn from a Keras `SeedGenerator`.
+
+    Keras owns the random state (so `seed=` in a config reproduces a run); TFP's stateless
+    sampling takes the derived pair, which also works under XLA.
+    """
+    return keras.random.randint([2], 0, _INT32_MAX, seed=seed_generator, dtype="int32")
+
+
+@keras.saving.register_keras_serializable(package="keras_aevb")
+class ReparameterizedPosterior(keras.layers.Layer):
+    """Draws z ~ q_phi(z|x) as a differentiable function of the posterior's parameters.
+
+    Paper eq. 4: z = g_phi(eps, x), eps ~ p(eps). For the Gaussian family,
+
+        eps ~ N(0, I),   z = z_mean + exp(0.5 * z_log_var) * eps,
+
+    so dz/dz_mean = 1 and dz/dz_log_var = 0.5 * sigma * eps. Families that define no explicit
+    g are sampled with TFP's reparameterized sampler (implicit reparameterization for Gamma,
+    Beta, Student's t). Families that TFP cannot reparameterize are refused.
+
+    Calling the layer on the encoder's parameter dict returns z of shape
+    `[num_samples, batch, latent_dim]`, or `[batch, latent_dim]` when `num_samples=1`. With
+    `deterministic=True` (constructor or call) it returns the posterior mean instead, for
+    serving and tests.
+
+    Args:
+        family: posterior family name (see `keras_aevb.families.FAMILIES`).
+        num_samples: L, the number of samples per datapoint.
+        seed: int seed of the layer's `keras.random.SeedGenerator`.
+        deterministic: default for the call argument of the same name.
+
+    Example:
+    >>> layer = ReparameterizedPosterior(seed=1)
+    >>> params = {"z_mean": np.zeros((4, 2), "float32"), "z_log_var": np.zeros((4, 2), "float32")}
+    >>> tuple(layer(params).shape), tuple(layer.sample(params, 3).shape)
+    ((4, 2), (3, 4, 2))
+
+    Reference: Kingma & Welling, arXiv:1312.6114, section 2.3-2.4.
+    """
+
+    def __init__(self, family="normal", num_samples=1, seed=None, deterministic=False, **kwargs):
+        super().__init__(**kwargs)
+        if int(num_samples) < 1:
+            raise ValueError(f"num_samples (L) must be at least 1, got {num_samples!r}.")
+        self.family = family
+        self.num_samples = int(num_samples)
+        self.seed = seed
+        self.deterministic = bool(deterministic)
+        self._family = get_family(family)
+        check_reparameterized(self._family)
+        self.seed_generator = keras.random.SeedGenerator(seed)
+        # No weights of its own: built from the start so summaries and saving see it whole.
+        self.built = True
+
+    @property
+    def param_names(self):
+        return self._family.param_names
+
+    def distribution(self, params):
+        """q(z|x) as a `tfd` distribution with event shape `[latent_dim]`."""
+        return self._family.distribution(params)
+
+    def mean(self, params):
+        """The posterior mean, the deterministic point estimate of z."""
+        dist = self.distribution(params)
+        try:
+            return dist.mean()
+        except NotImplementedError:
+            # Families without a mean (e.g. Cauchy) fall back to their mode.
+            return dist.mode()
+
+    def sample(self, params, num_samples=None, seed=None):
+        """Reparameterized samples, always with a leading sample axis: `[L, batch, latent_dim]`.
+
+        Args:
+            params: the encoder's parameter dict.
+            num_samples: L; defaults to the layer's `num_samples`.
+            seed: optional stateless seed (int32 `[2]`); by default the layer's generator.
+        """
+        num_samples = self.num_samples if num_samples is None else int(num_samples)
+        family = self._family
+        seed = stateless_seed(self.seed_generator) if seed is None else tf.cast(seed, "int32")
+        if family.g is not None:
+            reference = params[family.param_names[0]]
+            shape = (num_samples, *ops.shape(reference))
+            return family.g(family.noise(shape, reference.dtype, seed), params)
+        return self.distribution(params).sample(num_samples, seed=seed)
+
+    def g(self, eps, params):
+        """The paper's g_phi(eps, x) for families with an explicit form (eq. 4)."""
+        if self._family.g is None:
+            raise ValueError(
+                f"Posterior family {self.family!r} has no explicit g(eps, phi): TFP samples it "
+                "with implicit reparameterization."
+            )
+        return self._family.g(eps, params)
+
+    def call(self, params, deterministic=None):
+        deterministic = self.deterministic if deterministic is None else deterministic
+        if deterministic:
+            z = self.mean(params)
+            return z if self.num_samples == 1 else ops.repeat(z[None], self.num_samples, axis=0)
+        z = self.sample(params)
+        return z[0] if self.num_samples == 1 else z
+
+    def compute_output_spec(self, params, deterministic=None):
+        reference = params[self.param_names[0]]
+        shape = tuple(reference.shape)
+        if self.num_samples > 1:
+            shape = (self.num_samples, *shape)
+        return keras.KerasTensor(shape, dtype=reference.dtype)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            family=self.family,
+            num_samples=self.num_samples,
+            seed=self.seed,
+            deterministic=self.deterministic,
+        )
+        return config
