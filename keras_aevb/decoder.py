@@ -109,7 +109,8 @@ class _MLPDecoder(keras.layers.Layer):
 class BernoulliDecoder(_MLPDecoder):
     """Bernoulli MLP decoder for binary data (paper App. C.1); returns `logits`.
 
-        log p(x|z) = sum_i x_i log y_i + (1 - x_i) log(1 - y_i),  y = sigmoid(W5 tanh(W4 z + b4) + b5)
+        log p(x|z) = sum_i x_i log y_i + (1 - x_i) log(1 - y_i)
+        y = sigmoid(W5 tanh(W4 z + b4) + b5)
 
     computed from the logits (`tfd.Bernoulli(logits=...)`, i.e. -softplus form), which stays finite
     for logits of any size, unlike cross-entropy on probabilities.
@@ -203,7 +204,9 @@ class GaussianDecoder(_MLPDecoder):
 
     def compute_output_spec(self, z):
         shape = (*z.shape[:-1], *self.output_shape)
-        return {name: keras.KerasTensor(shape, dtype=self.compute_dtype) for name in self.head_names}
+        return {
+            name: keras.KerasTensor(shape, dtype=self.compute_dtype) for name in self.head_names
+        }
 
     def distribution(self, outputs):
         return tfd.Independent(

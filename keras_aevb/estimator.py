@@ -19,7 +19,10 @@ tfd = tfp.distributions
 ESTIMATORS = ("analytic_kl", "monte_carlo")
 
 # Names used in configs and messages for the paper's two estimators.
-ESTIMATOR_NAMES = {"monte_carlo": "SGVB estimator A (eq. 6)", "analytic_kl": "SGVB estimator B (eq. 7)"}
+ESTIMATOR_NAMES = {
+    "monte_carlo": "SGVB estimator A (eq. 6)",
+    "analytic_kl": "SGVB estimator B (eq. 7)",
+}
 
 
 def has_analytic_kl(posterior, prior):
@@ -55,7 +58,7 @@ def resolve_estimator(estimator, posterior, prior, pair_name):
 def gaussian_kl(z_mean, z_log_var):
     """KL(N(mu, sigma^2) || N(0, I)) in closed form, summed over the last axis (paper App. B).
 
-        -KL = 1/2 sum_j (1 + log sigma_j^2 - mu_j^2 - sigma_j^2)
+    -KL = 1/2 sum_j (1 + log sigma_j^2 - mu_j^2 - sigma_j^2)
     """
     return -0.5 * ops.sum(1.0 + z_log_var - ops.square(z_mean) - ops.exp(z_log_var), axis=-1)
 

@@ -33,7 +33,8 @@ class AEVB(keras.Model):
     `reconstruction_log_likelihood` = 1/L sum_l log p(x|z_l), and `kl`; elbo = reconstruction - kl.
 
     `weight_decay` is the paper's MAP prior p(theta) = N(0, I) on all weights, per datapoint: the
-    paper maximises sum_i L(x_i) + log p(theta), i.e. per datapoint mean_i L(x_i) + log p(theta) / N,
+    paper maximises sum_i L(x_i) + log p(theta), i.e. per datapoint
+    mean_i L(x_i) + log p(theta) / N,
     so the paper's setting is `weight_decay = 1 / N` (N training examples); the gradient step then
     minimises -mean ELBO + weight_decay / 2 * ||theta||^2. The reported `loss` stays -ELBO (the
     penalty is not a property of the data), so numbers compare across settings.
@@ -115,10 +116,20 @@ class AEVB(keras.Model):
         """The shape of one datapoint, as the decoder produces it."""
         return tuple(self.decoder.output_shape)
 
-    def build(self, input_shape):
-        self.encoder.build(input_shape)
-        self.decoder.build((None, self.latent_dim))
+    def build(self, input_shape=None):
+        """Creates the weights; the encoder flattens, so any shape with the event's size works."""
+        if not self.encoder.built:
+            self.encoder.build((None, *self.event_shape))
+        if not self.decoder.built:
+            self.decoder.build((None, self.latent_dim))
         self.built = True
+
+    def get_build_config(self):
+        # The weights' shapes depend on the event shape only, which the config already holds.
+        return {"input_shape": (None, *self.event_shape)}
+
+    def build_from_config(self, config):
+        self.build(config["input_shape"])
 
     def call(self, x, training=False):
         """Reconstruction: decoder mean at the posterior mean (training=False) or a sample."""
@@ -210,6 +221,10 @@ class AEVB(keras.Model):
         Checked on arrays in full and on the first batch of a `tf.data.Dataset` (cheap; the graph
         itself holds no asserts, which XLA would drop).
         """
+        if not self.built:
+            # Keras's own symbolic build in fit() builds the layers but not the model flag,
+            # which saving needs.
+            self.build()
         sample = _peek(x)
         if sample is None:
             return
@@ -262,7 +277,8 @@ class AEVB(keras.Model):
         return (
             f"AEVB: posterior={self.posterior!r}, prior={_prior_name(self.prior)!r}, "
             f"estimator={self.estimator!r} ({ESTIMATOR_NAMES[self.estimator]}), "
-            f"L={self.num_samples}, latent_dim={self.latent_dim}, weight_decay={self.weight_decay:g}"
+            f"L={self.num_samples}, latent_dim={self.latent_dim}, "
+            f"weight_decay={self.weight_decay:g}"
         )
 
     # ---------------------------------------------------------------- serialization
