@@ -1,0 +1,642 @@
+"""Data sets of the paper (MNIST, Frey Face), binarization, and `tf.data` input pipelines.
+
+Everything here reads local files only: there is no download at run time. Where the data
+comes from is decided by one helper, `default_data_dir`, so that the CLI, the notebooks and
+the tests agree.
+
+Binarization (DESIGN.md section 5) is part of the data's definition, not a detail: a Bernoulli
+likelihood is only a likelihood on binary pixels, and bounds on dynamically and statically
+binarized MNIST are not comparable. The methods are:
+
+- ``"dynamic"``: a fresh Bernoulli draw ``x ~ Bernoulli(grey)`` every epoch, made inside the
+  `tf.data` pipeline (`make_dataset`), reproducible from a seed;
+- ``"static"``: one seeded Bernoulli draw, fixed for all epochs;
+- ``"threshold"``: ``x = 1 if grey > 0.5 else 0``;
+- ``"none"``: grey values in [0, 1] unchanged (for Gaussian decoders, e.g. Frey Face).
+
+Example:
+
+>>> images, info = load_dataset("mnist", split="test")  # doctest: +SKIP
+>>> dataset = make_dataset(images, binarization=info["binarization"])  # doctest: +SKIP
+
+Reference: Kingma & Welling, "Auto-Encoding Variational Bayes", arXiv:1312.6114, section 5.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import scipy.io
+import tensorflow as tf
+
+__all__ = [
+    "BINARIZATIONS",
+    "DATASETS",
+    "DATA_DIR_ENV",
+    "DEFAULT_BINARIZATION",
+    "FREY_FACE_NUM_TEST",
+    "FREY_FACE_SPLIT",
+    "DataError",
+    "binarize",
+    "default_data_dir",
+    "load_dataset",
+    "load_frey_face",
+    "load_mnist",
+    "make_dataset",
+    "read_idx",
+    "running_on_colab",
+    "split_frey_face",
+]
+
+BINARIZATIONS = ("dynamic", "static", "threshold", "none")
+DATASETS = ("mnist", "frey_face")
+DEFAULT_BINARIZATION = {"mnist": "dynamic", "frey_face": "none"}
+
+# Environment variable naming a directory that holds the data files (or a `<dataset>/` subdir).
+DATA_DIR_ENV = "KERAS_AEVB_DATA_DIR"
+
+_MNIST_SPLITS = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+_MNIST_IMAGE_SHAPE = (28, 28)
+_MNIST_FIX = (
+    "pass --data-dir DIR (a directory holding the four MNIST IDX files) or set " + DATA_DIR_ENV
+)
+
+_FREY_FACE_FILE = "frey_rawface.mat"
+_FREY_FACE_IMAGE_SHAPE = (28, 20)
+_FREY_FACE_FIX = (
+    f"pass --data-dir DIR (a directory holding {_FREY_FACE_FILE}, Roweis' original file with "
+    f"variable 'ff' of shape (560, N)) or set {DATA_DIR_ENV}"
+)
+
+# The paper gives no Frey Face split. Consecutive frames of the video are near duplicates, so a
+# random split would put a near copy of every test face in the training set and make the test
+# bound say nothing about overfitting (the point of the paper's Fig. 2). The split is therefore
+# contiguous in file order: the last 200 frames are the test set, the rest (1765 of 1965) train.
+FREY_FACE_NUM_TEST = 200
+FREY_FACE_SPLIT = {
+    "train": slice(None, -FREY_FACE_NUM_TEST),
+    "test": slice(-FREY_FACE_NUM_TEST, None),
+    "all": slice(None),
+}
+
+_IDX_UBYTE = 0x08
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+class DataError(ValueError):
+    """Bad or missing input data; the message is one line naming the problem and the fix.
+
+    The CLI catches it and exits with status 2, printing the message alone, so every message
+    must make sense without a traceback.
+    """
+
+
+# --------------------------------------------------------------------------------------------
+# Where the data lives
+# --------------------------------------------------------------------------------------------
+
+
+def running_on_colab() -> bool:
+    """Returns True inside Google Colab (where notebooks load MNIST through TFDS instead)."""
+    return "google.colab" in sys.modules
+
+
+def _candidate_dirs(dataset: str) -> list[Path]:
+    """Directories searched, in order, for `dataset`'s files (see `default_data_dir`)."""
+    candidates = []
+    env_dir = os.environ.get(DATA_DIR_ENV)
+    if env_dir:
+        candidates += [Path(env_dir), Path(env_dir) / dataset]
+    cwd = Path.cwd()
+    candidates.append(cwd / "data" / dataset)
+    # The shared data copy sits next to the checkout (e.g. <root>/shared/data/mnist beside
+    # <root>/main); walking up from the working directory finds it from the checkout, from
+    # notebooks/ or from a subdirectory without hard-coding <root>.
+    candidates += [parent / "shared" / "data" / dataset for parent in (cwd, *cwd.parents)]
+    return list(dict.fromkeys(candidates))  # drop duplicates, keep order
+
+
+def _find_file(directory: Path, stem: str) -> Path | None:
+    """Returns `directory/stem` or `directory/stem.gz`, whichever exists (raw first), or None."""
+    for name in (stem, stem + ".gz"):
+        path = directory / name
+        if path.is_file():
+            return path
+    return None
+
+
+def _has_dataset(directory: Path, dataset: str) -> bool:
+    if dataset == "mnist":
+        stems = [stem for pair in _MNIST_SPLITS.values() for stem in pair]
+        return all(_find_file(directory, stem) is not None for stem in stems)
+    return (directory / _FREY_FACE_FILE).is_file()
+
+
+def default_data_dir(dataset: str = "mnist") -> str | None:
+    """Finds the local directory holding `dataset`'s files, or returns None.
+
+    The one place that decides where data comes from. Searched in order:
+
+    1. ``$KERAS_AEVB_DATA_DIR`` itself, then ``$KERAS_AEVB_DATA_DIR/<dataset>``;
+    2. ``./data/<dataset>`` under the current working directory;
+    3. ``<dir>/shared/data/<dataset>`` for the working directory and each of its parents.
+
+    A directory counts only if it holds all of the data set's files: the four MNIST IDX files
+    (raw or ``.gz``) for ``"mnist"``, ``frey_rawface.mat`` for ``"frey_face"``.
+
+    Args:
+        dataset: ``"mnist"`` or ``"frey_face"``.
+
+    Returns:
+        The directory as a string, or None if no candidate holds the files.
+
+    Raises:
+        DataError: `dataset` is not a known data set.
+    """
+    _check_dataset_name(dataset)
+    for directory in _candidate_dirs(dataset):
+        if _has_dataset(directory, dataset):
+            return str(directory)
+    return None
+
+
+def _check_dataset_name(name: str) -> None:
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; use one of {', '.join(DATASETS)}")
+
+
+# --------------------------------------------------------------------------------------------
+# MNIST
+# --------------------------------------------------------------------------------------------
+
+
+def _read_bytes(path: Path) -> bytes:
+    """Reads a file, decompressing it if it starts with the gzip magic bytes (any suffix)."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    if not raw.startswith(_GZIP_MAGIC):
+        return raw
+    try:
+        return gzip.decompress(raw)
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise DataError(
+            f"gzip file is truncated or corrupt: {path} ({e}); download it again"
+        ) from None
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Reads an IDX file of unsigned bytes (the MNIST format), gzip-compressed or raw.
+
+    IDX layout: two zero bytes, a type code (0x08 = unsigned byte), the number of dimensions,
+    then one big-endian uint32 per dimension, then the data in row-major order. Compression is
+    detected from the gzip magic bytes, not from the file name.
+
+    Args:
+        path: the file.
+
+    Returns:
+        A uint8 array with the shape stored in the header.
+
+    Raises:
+        DataError: the file is missing, has a wrong magic number or type code, or is truncated
+            (gzip stream cut short, or fewer data bytes than the header's dimensions imply).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"IDX file not found: {path}; pass --data-dir pointing at its directory")
+    data = _read_bytes(path)
+    if len(data) < 4:
+        raise DataError(f"IDX file is truncated: {path} has {len(data)} bytes; download it again")
+    zero0, zero1, type_code, ndim = data[:4]
+    if zero0 != 0 or zero1 != 0 or type_code != _IDX_UBYTE or ndim == 0:
+        raise DataError(
+            f"wrong IDX magic number 0x{data[:4].hex()} in {path} (expected 0x000008NN: "
+            "unsigned bytes, NN dimensions); is it an MNIST IDX file?"
+        )
+    header_size = 4 + 4 * ndim
+    if len(data) < header_size:
+        raise DataError(f"IDX file is truncated in its header: {path}; download it again")
+    shape = struct.unpack(f">{ndim}I", data[4:header_size])
+    expected = int(np.prod(shape, dtype=np.int64))
+    present = len(data) - header_size
+    if present < expected:
+        raise DataError(
+            f"IDX file is truncated: {path} holds {present} data bytes, its header "
+            f"{list(shape)} needs {expected}; download it again"
+        )
+    if present > expected:
+        raise DataError(
+            f"IDX file is corrupt: {path} holds {present - expected} bytes more than its "
+            f"header {list(shape)} implies; download it again"
+        )
+    return np.frombuffer(data, dtype=np.uint8, offset=header_size).reshape(shape)
+
+
+def _load_mnist_idx(directory: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    image_stem, label_stem = _MNIST_SPLITS[split]
+    paths = []
+    for stem in (image_stem, label_stem):
+        path = _find_file(directory, stem)
+        if path is None:
+            raise DataError(
+                f"MNIST IDX file not found: {directory / stem}(.gz); pass --data-dir pointing at "
+                "a directory with the four MNIST IDX files"
+            )
+        paths.append(path)
+    images, labels = read_idx(paths[0]), read_idx(paths[1])
+    if images.ndim != 3 or images.shape[1:] != _MNIST_IMAGE_SHAPE:
+        raise DataError(
+            f"MNIST images in {paths[0]} have shape {list(images.shape)}, expected "
+            "[N, 28, 28]; is it the images file?"
+        )
+    if labels.ndim != 1:
+        raise DataError(
+            f"MNIST labels in {paths[1]} have shape {list(labels.shape)}, expected [N]; "
+            "is it the labels file?"
+        )
+    if len(images) != len(labels):
+        raise DataError(
+            f"MNIST {split} has {len(images)} images but {len(labels)} labels "
+            f"({paths[0].name}, {paths[1].name}); the files come from different sets, "
+            "download both again"
+        )
+    if labels.size and labels.max() > 9:
+        raise DataError(
+            f"MNIST labels in {paths[1]} go up to {labels.max()}, expected 0-9; "
+            "is it the labels file?"
+        )
+    return images, labels
+
+
+def _load_mnist_tfds(split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Loads MNIST from a TFDS copy already on disk; never downloads."""
+    try:
+        import tensorflow_datasets as tfds
+
+        # data_dir=None: TFDS's own default ($TFDS_DATA_DIR or ~/tensorflow_datasets).
+        data = tfds.load(
+            "mnist", split=split, data_dir=None, download=False, batch_size=-1, as_supervised=True
+        )
+        images, labels = tfds.as_numpy(data)
+    except Exception as e:  # any TFDS failure (not installed, not prepared) means "not found"
+        reason = " ".join(str(e).split())[:200]  # one line, bounded
+        raise DataError(
+            f"MNIST not found: no local IDX files and no TFDS copy ({type(e).__name__}: "
+            f"{reason}); {_MNIST_FIX}"
+        ) from None
+    images = np.asarray(images)
+    return images.reshape(images.shape[0], *_MNIST_IMAGE_SHAPE), np.asarray(labels)
+
+
+def load_mnist(
+    data_dir: str | os.PathLike | None = None,
+    split: str = "train",
+    use_tfds: bool | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Loads MNIST from local IDX files (or a TFDS copy on disk), grey values in [0, 1].
+
+    Args:
+        data_dir: directory holding ``train-images-idx3-ubyte[.gz]``,
+            ``train-labels-idx1-ubyte[.gz]``, ``t10k-images-idx3-ubyte[.gz]`` and
+            ``t10k-labels-idx1-ubyte[.gz]``. None: `default_data_dir` decides.
+        split: ``"train"`` (60000 images) or ``"test"`` (10000).
+        use_tfds: None: use TFDS only when `data_dir` is None and no local IDX files are found.
+            True: use TFDS only. False: never. TFDS is always called with ``download=False``,
+            so its data must already be prepared (on Colab: ``tfds.load("mnist")`` once).
+
+    Returns:
+        ``(images, labels)``: images float32 ``[N, 28, 28]`` equal to the bytes / 255, labels
+        int64 ``[N]`` in 0-9.
+
+    Raises:
+        DataError: unknown split, files missing, corrupt or inconsistent.
+    """
+    if split not in _MNIST_SPLITS:
+        raise DataError(f"unknown MNIST split {split!r}; use one of {', '.join(_MNIST_SPLITS)}")
+    if use_tfds:
+        images, labels = _load_mnist_tfds(split)
+    elif data_dir is not None:
+        directory = Path(data_dir)
+        if not directory.is_dir():
+            raise DataError(f"MNIST data directory not found: {directory}; {_MNIST_FIX}")
+        images, labels = _load_mnist_idx(directory, split)
+    else:
+        found = default_data_dir("mnist")
+        if found is not None:
+            images, labels = _load_mnist_idx(Path(found), split)
+        elif use_tfds is None:
+            images, labels = _load_mnist_tfds(split)
+        else:
+            searched = ", ".join(str(d) for d in _candidate_dirs("mnist"))
+            raise DataError(f"MNIST not found: no IDX files in {searched}; {_MNIST_FIX}")
+    return _to_unit_interval(images), labels.astype(np.int64)
+
+
+def _to_unit_interval(pixels: np.ndarray) -> np.ndarray:
+    """uint8 pixels -> float32 in [0, 1] (x / 255, so 0 -> 0.0 and 255 -> 1.0 exactly)."""
+    return pixels.astype(np.float32) / np.float32(255.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Frey Face
+# --------------------------------------------------------------------------------------------
+
+
+def load_frey_face(path: str | os.PathLike, split: str = "all") -> np.ndarray:
+    """Loads the Frey Face video frames from Roweis' ``frey_rawface.mat``.
+
+    The file holds one variable ``ff``: uint8 of shape ``(560, N)`` (N = 1965), one image per
+    column, each stored row-major so that ``ff[:, i].reshape(28, 20)`` is the upright face
+    (28 rows, 20 columns).
+
+    Args:
+        path: the ``.mat`` file, or a directory holding ``frey_rawface.mat``.
+        split: ``"all"``, ``"train"`` or ``"test"``; see `split_frey_face`.
+
+    Returns:
+        float32 ``[N, 28, 20]`` (``[1965, 28, 20]`` for ``"all"``) equal to the bytes / 255.
+
+    Raises:
+        DataError: the file is missing or unreadable, has no ``ff``, or ``ff`` does not have
+            560 rows; or the split is unknown.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / _FREY_FACE_FILE
+    if not path.is_file():
+        raise DataError(f"Frey Face file not found: {path}; {_FREY_FACE_FIX}")
+    try:
+        contents = scipy.io.loadmat(path)
+    except Exception as e:  # scipy raises several types for a corrupt or non-.mat file
+        reason = " ".join(str(e).split())[:200]
+        raise DataError(f"cannot read {path} as a .mat file ({reason}); {_FREY_FACE_FIX}") from None
+    if "ff" not in contents:
+        names = ", ".join(k for k in contents if not k.startswith("__")) or "none"
+        raise DataError(f"no variable 'ff' in {path} (variables: {names}); {_FREY_FACE_FIX}")
+    ff = np.asarray(contents["ff"])
+    pixels = _FREY_FACE_IMAGE_SHAPE[0] * _FREY_FACE_IMAGE_SHAPE[1]
+    if ff.ndim != 2 or ff.shape[0] != pixels:
+        raise DataError(
+            f"'ff' in {path} has shape {list(ff.shape)}, expected [560, N] (one 28x20 image "
+            f"per column); {_FREY_FACE_FIX}"
+        )
+    # Columns are images; each column is a row-major 28x20 image.
+    images = _to_unit_interval(np.ascontiguousarray(ff.T).reshape(-1, *_FREY_FACE_IMAGE_SHAPE))
+    return split_frey_face(images, split)
+
+
+def split_frey_face(images: np.ndarray, split: str) -> np.ndarray:
+    """Selects the Frey Face train or test frames (the paper states no split).
+
+    The split is contiguous in file order (`FREY_FACE_SPLIT`): the last `FREY_FACE_NUM_TEST`
+    (200) frames are the test set, all earlier ones (1765 of 1965) the training set. Not a
+    random split, because consecutive video frames are near duplicates and a random split
+    would leak near copies of the test faces into training.
+
+    Args:
+        images: all frames, ``[N, ...]`` in file order.
+        split: ``"train"``, ``"test"`` or ``"all"``.
+
+    Returns:
+        The selected frames (a view of `images`).
+
+    Raises:
+        DataError: unknown split, or too few frames to hold out the test set.
+    """
+    if split not in FREY_FACE_SPLIT:
+        raise DataError(
+            f"unknown Frey Face split {split!r}; use one of {', '.join(FREY_FACE_SPLIT)}"
+        )
+    if split != "all" and len(images) <= FREY_FACE_NUM_TEST:
+        raise DataError(
+            f"Frey Face has {len(images)} frames, too few to hold out {FREY_FACE_NUM_TEST} for "
+            "testing; use split='all' or the full 1965-frame file"
+        )
+    return images[FREY_FACE_SPLIT[split]]
+
+
+# --------------------------------------------------------------------------------------------
+# Binarization
+# --------------------------------------------------------------------------------------------
+
+
+def _check_binarization(method: str) -> None:
+    if method not in BINARIZATIONS:
+        raise DataError(f"unknown binarization {method!r}; use one of {', '.join(BINARIZATIONS)}")
+
+
+def _check_unit_interval(images: np.ndarray, method: str) -> None:
+    if images.size and (np.nanmin(images) < 0.0 or np.nanmax(images) > 1.0):
+        raise DataError(
+            f"{method} binarization needs grey values in [0, 1], got "
+            f"[{np.nanmin(images):g}, {np.nanmax(images):g}]; scale the pixels (e.g. by 1/255)"
+        )
+    if np.isnan(images).any():
+        raise DataError(f"{method} binarization got NaN pixels; clean the data first")
+
+
+def binarize(images: np.ndarray, method: str, seed: int = 0) -> np.ndarray:
+    """Binarizes grey images once, in NumPy (for the fixed methods).
+
+    - ``"static"``: ``x = 1 if u < grey else 0`` with ``u ~ Uniform[0, 1)`` drawn once from
+      ``np.random.default_rng(seed)``, i.e. one Bernoulli(grey) draw per pixel, the same for
+      every epoch and for every call with the same seed. Binary input is left unchanged.
+    - ``"threshold"``: ``x = 1 if grey > 0.5 else 0`` (strict: a pixel of exactly 0.5 becomes 0;
+      on /255 MNIST no pixel is 0.5, and this equals ``byte >= 128``).
+    - ``"none"``: the images unchanged (as float32).
+
+    ``"dynamic"`` is not done here: it is a fresh draw every epoch, made by `make_dataset`.
+
+    Args:
+        images: grey values in [0, 1], any shape.
+        method: ``"static"``, ``"threshold"`` or ``"none"``.
+        seed: seed of the static draw.
+
+    Returns:
+        float32 array of the same shape.
+
+    Raises:
+        DataError: unknown method, ``"dynamic"``, or grey values outside [0, 1] (static).
+    """
+    _check_binarization(method)
+    images = np.asarray(images, dtype=np.float32)
+    if method == "dynamic":
+        raise DataError(
+            "dynamic binarization is a fresh draw every epoch, applied by make_dataset("
+            "binarization='dynamic'); pass the grey images there instead of calling binarize"
+        )
+    if method == "static":
+        _check_unit_interval(images, method)
+        uniform = np.random.default_rng(seed).random(images.shape, dtype=np.float32)
+        return (uniform < images).astype(np.float32)
+    if method == "threshold":
+        return (images > 0.5).astype(np.float32)
+    return images
+
+
+# --------------------------------------------------------------------------------------------
+# tf.data pipeline
+# --------------------------------------------------------------------------------------------
+
+
+def make_dataset(
+    images: np.ndarray,
+    batch_size: int = 100,
+    binarization: str = "dynamic",
+    shuffle: bool = True,
+    seed: int = 0,
+    drop_remainder: bool = False,
+) -> tf.data.Dataset:
+    """Builds the input pipeline: batches ``x`` of shape ``[batch, *event_shape]``, no labels.
+
+    Each iteration over the returned dataset is one epoch: a new shuffle order (if `shuffle`)
+    and, for ``"dynamic"``, a new Bernoulli draw of every pixel. Both are reproducible: two
+    datasets built with the same seed yield the same sequence of epochs. With ``shuffle=False``
+    and ``"dynamic"`` it serves a test set whose bound is reproducible from `seed`.
+
+    Args:
+        images: float array ``[N, *event_shape]``; grey values in [0, 1] for ``"dynamic"`` and
+            ``"static"`` (binary images pass through both unchanged).
+        batch_size: examples per batch.
+        binarization: one of `BINARIZATIONS`; ``"static"``/``"threshold"`` are applied once with
+            `binarize`, ``"dynamic"`` per epoch and batch inside the pipeline.
+        shuffle: reshuffle all N examples every epoch.
+        seed: seed of the shuffle order and of the static or dynamic draws.
+        drop_remainder: drop the last batch if smaller than `batch_size`.
+
+    Returns:
+        A `tf.data.Dataset` of float32 batches.
+
+    Raises:
+        DataError: unknown binarization, bad `batch_size`, empty images, or grey values outside
+            [0, 1] for a Bernoulli draw.
+    """
+    _check_binarization(binarization)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
+        raise DataError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if batch_size < 1:
+        raise DataError(f"batch_size must be a positive integer, got {batch_size}")
+    images = np.asarray(images, dtype=np.float32)
+    if images.ndim < 1 or len(images) == 0:
+        raise DataError(f"no examples to batch (images of shape {list(images.shape)})")
+    if binarization == "dynamic":
+        _check_unit_interval(images, binarization)
+    else:
+        images = binarize(images, binarization, seed=seed)
+    num_examples = len(images)
+
+    # Shuffle indices and gather whole batches: one vectorized gather per batch instead of a
+    # shuffle buffer holding a copy of every image.
+    images_tensor = tf.constant(images)
+    dataset = tf.data.Dataset.range(num_examples)
+    if shuffle:
+        dataset = dataset.shuffle(num_examples, seed=seed, reshuffle_each_iteration=True)
+    dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
+
+    if binarization == "dynamic":
+        # A stateful tf.random op inside map may replay the same draw when the iterator is
+        # re-created each epoch. Instead, each batch gets a stateless seed (a pair of int64)
+        # from Dataset.random, which draws a new stream on every iteration
+        # (rerandomize_each_iteration=True) and the same streams for the same seed.
+        batch_seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+        dataset = tf.data.Dataset.zip((dataset, batch_seeds))
+
+        def gather_and_draw(indices, batch_seed):
+            grey = tf.gather(images_tensor, indices)
+            uniform = tf.random.stateless_uniform(tf.shape(grey), seed=batch_seed)
+            # P(u < grey) = grey for u ~ Uniform[0, 1): a Bernoulli(grey) draw; 0 and 1 stay.
+            return tf.cast(uniform < grey, tf.float32)
+
+        dataset = dataset.map(gather_and_draw, num_parallel_calls=None)
+    else:
+
+        def gather(indices):
+            return tf.gather(images_tensor, indices)
+
+        dataset = dataset.map(gather, num_parallel_calls=None)
+
+    # Fixed prefetch and no autotuning: on the 2-core CPUs measured here, tf.data's autotuner
+    # stalled the end of a fit call by 1.6-2.4 s in about half the epochs (DESIGN.md section 9),
+    # and a batch of gather + one uniform draw is cheap enough not to need parallel calls.
+    dataset = dataset.prefetch(2)
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    options.deterministic = True
+    return dataset.with_options(options)
+
+
+# --------------------------------------------------------------------------------------------
+# One entry point
+# --------------------------------------------------------------------------------------------
+
+
+def load_dataset(
+    name: str,
+    data_dir: str | os.PathLike | None = None,
+    split: str = "train",
+    binarization: str | None = None,
+    seed: int = 0,
+) -> tuple[np.ndarray, dict]:
+    """Loads one of the paper's data sets, binarized as asked (the CLI's and notebooks' entry).
+
+    Args:
+        name: ``"mnist"`` or ``"frey_face"``.
+        data_dir: directory holding the files; None: `default_data_dir` (and, for MNIST, a TFDS
+            copy on disk) decides.
+        split: ``"train"`` or ``"test"`` (Frey Face also ``"all"``; see `split_frey_face`).
+        binarization: one of `BINARIZATIONS`; None picks `DEFAULT_BINARIZATION` (``"dynamic"``
+            for MNIST, ``"none"`` for Frey Face).
+        seed: seed of a ``"static"`` draw.
+
+    Returns:
+        ``(images, info)``. Images are float32 ``[N, *event_shape]``: already binary for
+        ``"static"`` and ``"threshold"``; still grey for ``"dynamic"`` (`make_dataset` draws
+        them each epoch) and ``"none"``. ``info`` is a dict with ``dataset``, ``split``,
+        ``binarization``, ``binarized`` (True if the returned images are already binary),
+        ``num_examples``, ``event_shape`` (tuple) and ``source`` (a path, or ``"tfds"``).
+
+    Raises:
+        DataError: unknown name, split or binarization, or missing/corrupt files.
+    """
+    _check_dataset_name(name)
+    binarization = DEFAULT_BINARIZATION[name] if binarization is None else binarization
+    _check_binarization(binarization)
+
+    if name == "mnist":
+        directory = data_dir if data_dir is not None else default_data_dir("mnist")
+        images, _ = load_mnist(directory, split=split, use_tfds=None)
+        source = str(directory) if directory is not None else "tfds"
+    else:
+        directory = data_dir if data_dir is not None else default_data_dir("frey_face")
+        if directory is None:
+            searched = ", ".join(str(d) for d in _candidate_dirs("frey_face"))
+            raise DataError(
+                f"Frey Face not found: no {_FREY_FACE_FILE} in {searched}; {_FREY_FACE_FIX}"
+            )
+        path = Path(directory)
+        path = path / _FREY_FACE_FILE if path.is_dir() else path
+        images = load_frey_face(path, split=split)
+        source = str(path)
+
+    binarized = binarization in ("static", "threshold")
+    if binarized:
+        images = binarize(images, binarization, seed=seed)
+    info = {
+        "dataset": name,
+        "split": split,
+        "binarization": binarization,
+        "binarized": binarized,
+        "num_examples": int(len(images)),
+        "event_shape": tuple(int(d) for d in images.shape[1:]),
+        "source": source,
+    }
+    return images, info
