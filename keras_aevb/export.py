@@ -65,7 +65,9 @@ class AEVBServingModule(tf.Module):
 
     def __init__(self, model, score_num_samples, score_seed, name="keras_aevb_serving"):
         super().__init__(name=name)
-        self._model = model
+        # Not tracked by tf.Module: saving the Keras model itself would write a second copy of
+        # every weight (its Keras variables) next to the tf.Variables the functions read.
+        object.__setattr__(self, "_model", model)
         self._family = get_family(model.posterior)
         self._score_num_samples = int(score_num_samples)
         self._score_seed = _seed_pair(score_seed)
@@ -296,13 +298,18 @@ def _check_model(model):
     params = {
         name: family.constrain[name](tf.zeros([1, model.latent_dim])) for name in family.param_names
     }
+    # TFP answers "no mean" either by raising or, with allow_nan_stats (its default), with NaN
+    # (Cauchy): both are refused, since serving_default's z_mean would be meaningless.
     try:
-        family.distribution(params).mean()
+        mean = family.distribution(params).mean()
     except NotImplementedError:
+        mean = None
+    if mean is None or not bool(tf.reduce_all(tf.math.is_finite(mean))):
         raise ValueError(
             f"The posterior family {model.posterior!r} has no mean, but the serving signatures "
-            "return z_mean (the posterior mean): export a model with a family that has one."
-        ) from None
+            "return z_mean (the posterior mean) and reconstruct through it: export a model "
+            "whose posterior family has a mean."
+        )
 
 
 def _captured_variables(concrete_functions):
@@ -313,7 +320,8 @@ def _captured_variables(concrete_functions):
             if key not in seen:
                 seen.add(key)
                 variables.append(variable)
-    return variables
+    # Sorted by name ("aevb_mnist/encoder/hidden_0/kernel:0", ...): the same order every export.
+    return sorted(variables, key=lambda variable: variable.name)
 
 
 def _seed_pair(seed):
