@@ -10,7 +10,8 @@ from keras import ops
 
 from keras_aevb.estimator import ESTIMATOR_NAMES, resolve_estimator, sgvb_terms
 from keras_aevb.posterior import ReparameterizedPosterior, stateless_seed
-from keras_aevb.prior import make_prior
+from keras_aevb.families import get_family
+from keras_aevb.prior import PRIORS, check_support, make_prior, sample_prior
 
 METRIC_NAMES = ("loss", "elbo", "reconstruction_log_likelihood", "kl")
 
@@ -98,6 +99,13 @@ class AEVB(keras.Model):
             None if seed is None else seed + 1, name="prior_seed_generator"
         )
         self.prior_distribution = make_prior(prior, self.latent_dim)
+        # Where q(z|x) has mass and p(z) has none, the KL is infinite: refuse before training.
+        check_support(
+            get_family(posterior).support,
+            self.prior_distribution,
+            pair_name=f"posterior={posterior!r} and prior={_prior_name(prior)!r}",
+            prior_support=PRIORS[prior].support if isinstance(prior, str) else None,
+        )
         reference_posterior = self.posterior_layer.distribution(
             _reference_params(self.posterior_layer.param_names, self.latent_dim)
         )
@@ -209,6 +217,10 @@ class AEVB(keras.Model):
             self._check_data(
                 validation_data[0] if isinstance(validation_data, tuple) else validation_data
             )
+        if isinstance(x, tf.data.Dataset) and not args:
+            # A dataset is shuffled by its own pipeline; Keras would warn that shuffle=True is
+            # ignored on every call.
+            kwargs.setdefault("shuffle", False)
         return super().fit(x, y, *args, validation_data=validation_data, **kwargs)
 
     def evaluate(self, x=None, *args, **kwargs):
@@ -253,9 +265,13 @@ class AEVB(keras.Model):
         return self(x, training=False)
 
     def sample_z(self, num_samples, seed=None):
-        """Draws z ~ p(z), `[num_samples, latent_dim]`; `seed` (int or int32 pair) is stateless."""
+        """Draws z ~ p(z), `[num_samples, latent_dim]`; `seed` (int or int32 pair) is stateless.
+
+        z = F^{-1}(u), u ~ U(0, 1), through the prior's own quantile function where it has one
+        (the map the 2-D manifold of Fig. 4 uses), else `prior.sample`.
+        """
         seed = _stateless(seed) if seed is not None else stateless_seed(self.prior_seed_generator)
-        return self.prior_distribution.sample(int(num_samples), seed=seed)
+        return sample_prior(self.prior_distribution, int(num_samples), seed)
 
     def sample(self, num_samples, seed=None):
         """Decoder means at z ~ p(z): new data from the generative model (paper Fig. 5)."""
