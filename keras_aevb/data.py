@@ -277,14 +277,19 @@ def _load_mnist_idx(directory: Path, split: str) -> tuple[np.ndarray, np.ndarray
     return images, labels
 
 
-def _load_mnist_tfds(split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Loads MNIST from a TFDS copy already on disk; never downloads."""
+def _load_mnist_tfds(split: str, download: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Loads MNIST through TFDS: from its copy on disk, or downloading only if asked."""
     try:
         import tensorflow_datasets as tfds
 
         # data_dir=None: TFDS's own default ($TFDS_DATA_DIR or ~/tensorflow_datasets).
         data = tfds.load(
-            "mnist", split=split, data_dir=None, download=False, batch_size=-1, as_supervised=True
+            "mnist",
+            split=split,
+            data_dir=None,
+            download=download,
+            batch_size=-1,
+            as_supervised=True,
         )
         images, labels = tfds.as_numpy(data)
     except Exception as e:  # any TFDS failure (not installed, not prepared) means "not found"
@@ -301,6 +306,7 @@ def load_mnist(
     data_dir: str | os.PathLike | None = None,
     split: str = "train",
     use_tfds: bool | None = None,
+    download: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Loads MNIST from local IDX files (or a TFDS copy on disk), grey values in [0, 1].
 
@@ -310,8 +316,9 @@ def load_mnist(
             ``t10k-labels-idx1-ubyte[.gz]``. None: `default_data_dir` decides.
         split: ``"train"`` (60000 images) or ``"test"`` (10000).
         use_tfds: None: use TFDS only when `data_dir` is None and no local IDX files are found.
-            True: use TFDS only. False: never. TFDS is always called with ``download=False``,
-            so its data must already be prepared (on Colab: ``tfds.load("mnist")`` once).
+            True: use TFDS only. False: never.
+        download: let TFDS download MNIST when no copy is found (for Colab; the notebooks pass
+            ``download=running_on_colab()``). False by default: nothing is fetched at run time.
 
     Returns:
         ``(images, labels)``: images float32 ``[N, 28, 28]`` equal to the bytes / 255, labels
@@ -323,7 +330,7 @@ def load_mnist(
     if split not in _MNIST_SPLITS:
         raise DataError(f"unknown MNIST split {split!r}; use one of {', '.join(_MNIST_SPLITS)}")
     if use_tfds:
-        images, labels = _load_mnist_tfds(split)
+        images, labels = _load_mnist_tfds(split, download)
     elif data_dir is not None:
         directory = Path(data_dir)
         if not directory.is_dir():
@@ -334,7 +341,7 @@ def load_mnist(
         if found is not None:
             images, labels = _load_mnist_idx(Path(found), split)
         elif use_tfds is None:
-            images, labels = _load_mnist_tfds(split)
+            images, labels = _load_mnist_tfds(split, download)
         else:
             searched = ", ".join(str(d) for d in _candidate_dirs("mnist"))
             raise DataError(f"MNIST not found: no IDX files in {searched}; {_MNIST_FIX}")
