@@ -75,19 +75,20 @@ class AEVBServingModule(tf.Module):
         x_spec = tf.TensorSpec([None, *event_shape], tf.float32, name="x")
         z_spec = tf.TensorSpec([None, model.latent_dim], tf.float32, name="z")
         # autograph=False: the bodies have no data-dependent Python control flow; the traced
-        # graphs are what one reads in the code.
+        # graphs are what one reads in the code. (`sample` below is the exception.)
         self.serving_default = tf.function(
             self._serving_default, input_signature=[x_spec], autograph=False
         )
         self.encode = tf.function(self._encode, input_signature=[x_spec], autograph=False)
         self.decode = tf.function(self._decode, input_signature=[z_spec], autograph=False)
+        # AutoGraph here: it turns the `int(num_samples)` of AEVB.sample_z into a cast, so the
+        # count stays a dynamic graph input.
         self.sample = tf.function(
             self._sample,
             input_signature=[
                 tf.TensorSpec([], tf.int32, name="num_samples"),
                 tf.TensorSpec([2], tf.int32, name="seed"),
             ],
-            autograph=False,
         )
         self.score = tf.function(self._score, input_signature=[x_spec], autograph=False)
         # Recorded in the SavedModel (loaded.score_num_samples, loaded.score_seed) so a deployment
@@ -124,9 +125,9 @@ class AEVBServingModule(tf.Module):
     def _sample(self, num_samples, seed):
         check = tf.debugging.assert_non_negative(num_samples, message="num_samples must be >= 0")
         with tf.control_dependencies([check]):
-            # The prior's own stateless sampler with the caller's seed: AEVB.sample_z draws the
-            # same z for the same (num_samples, seed); num_samples is a tensor here (dynamic).
-            z = self._model.prior_distribution.sample(num_samples, seed=seed)
+            # The model's own stateless prior sampler with the caller's seed: the same z as
+            # AEVB.sample_z(num_samples, seed=seed) in Python.
+            z = self._model.sample_z(num_samples, seed=seed)
         outputs = self._decoded(z)
         return _float32({"x_mean": outputs["x_mean"], "z": z})
 

@@ -1,0 +1,583 @@
+"""SavedModel export for TF Serving (issue 7): contract, fresh process, saved_model_cli, requests.
+
+Models are tiny (hidden 16, latent 2) with Glorot weights, so that outputs vary across examples
+and a wrong wiring shows. Tolerances: a deterministic signature runs the same float32 ops as the
+Keras method, in a graph instead of eagerly; fused kernels can round differently, by ~1e-7 on
+values of order 1, so 1e-5 (the issue's figure) has a wide margin. Bounds are sums over 784 pixels
+(~500 nats), whose float32 rounding is ~5e-5 absolute: compared with rtol 1e-5.
+"""
+
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorflow.core.protobuf import saved_model_pb2
+from tensorflow.python.framework import op_def_registry
+
+import keras_aevb
+from keras_aevb.export import (
+    DEFAULT_SCORE_NUM_SAMPLES,
+    DEFAULT_SCORE_SEED,
+    SIGNATURE_NAMES,
+    export_saved_model,
+    next_version,
+)
+from keras_aevb.families import FAMILIES, get_family
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CLIENT = ROOT / "tests" / "serving_client.py"
+LATENT = 2
+BERNOULLI_EVENT = (28, 28)
+GAUSSIAN_EVENT = (28, 20)  # Frey Face's shape
+STATEFUL_RANDOM_OPS = {
+    "RandomStandardNormal", "RandomUniform", "RandomUniformInt", "TruncatedNormal",
+    "ParameterizedTruncatedNormal", "RandomGamma", "RandomPoisson", "RandomPoissonV2",
+    "Multinomial", "RandomShuffle", "StatefulStandardNormalV2", "StatefulUniform",
+    "StatefulUniformInt", "StatefulUniformFullInt", "StatefulTruncatedNormal",
+}  # fmt: skip
+
+
+def tiny_model(event, decoder_cls, posterior="normal", prior="standard_normal", **kwargs):
+    init = keras.initializers.GlorotUniform(seed=0)
+    encoder = keras_aevb.MLPEncoder(LATENT, (16,), posterior=posterior, kernel_initializer=init)
+    decoder = decoder_cls(event, (16,), kernel_initializer=init)
+    model = keras_aevb.AEVB(encoder, decoder, posterior=posterior, prior=prior, seed=0, **kwargs)
+    model.build((None, *event))
+    return model
+
+
+def binary_x(n=5, event=BERNOULLI_EVENT, seed=0):
+    return (np.random.default_rng(seed).random((n, *event)) < 0.3).astype(np.float32)
+
+
+def grey_x(n=5, event=GAUSSIAN_EVENT, seed=0):
+    return np.random.default_rng(seed).random((n, *event)).astype(np.float32)
+
+
+class Export:
+    def __init__(self, model, path, x):
+        self.model, self.path, self.x = model, path, x
+        self.loaded = tf.saved_model.load(path)
+
+    def __call__(self, signature, **inputs):
+        outputs = self.loaded.signatures[signature](
+            **{k: tf.convert_to_tensor(v) for k, v in inputs.items()}
+        )
+        return {k: v.numpy() for k, v in outputs.items()}
+
+
+@pytest.fixture(scope="module")
+def bernoulli(tmp_path_factory):
+    model = tiny_model(BERNOULLI_EVENT, keras_aevb.BernoulliDecoder)
+    path = tmp_path_factory.mktemp("saved_models") / "mnist_vae" / "1"
+    return Export(model, export_saved_model(model, path), binary_x())
+
+
+@pytest.fixture(scope="module")
+def gaussian(tmp_path_factory):
+    # Estimator A (Monte Carlo KL) here, B (analytic KL) in the Bernoulli model: score covers both.
+    model = tiny_model(GAUSSIAN_EVENT, keras_aevb.GaussianDecoder, estimator="monte_carlo")
+    path = tmp_path_factory.mktemp("saved_models") / "frey_vae" / "1"
+    return Export(model, export_saved_model(model, path), grey_x())
+
+
+@pytest.fixture(params=["bernoulli", "gaussian"])
+def export(request):
+    return request.getfixturevalue(request.param)
+
+
+# ---------------------------------------------------------------------------- the contract
+
+
+def _specs(structure):
+    return {name: (spec.dtype, tuple(spec.shape.as_list())) for name, spec in structure.items()}
+
+
+def test_layout_and_signature_contract(bernoulli, gaussian):
+    for export, event, extra in ((bernoulli, BERNOULLI_EVENT, {}), (gaussian, GAUSSIAN_EVENT, {})):
+        path = pathlib.Path(export.path)
+        assert (path / "saved_model.pb").is_file() and (path / "variables").is_dir()
+        signatures = export.loaded.signatures
+        assert sorted(signatures) == sorted(SIGNATURE_NAMES)
+        x = {"x": (tf.float32, (None, *event))}
+        latent = (None, LATENT)
+        expected = {
+            "serving_default": (x, {"reconstruction": (None, *event), "z_mean": latent}),
+            "encode": (x, {"z_mean": latent, "z_log_var": latent}),
+            "decode": (
+                {"z": (tf.float32, latent)},
+                {"x_mean": (None, *event)}
+                | ({"x_log_var": (None, *event)} if export is gaussian else extra),
+            ),
+            "sample": (
+                {"num_samples": (tf.int32, ()), "seed": (tf.int32, (2,))},
+                {"x_mean": (None, *event), "z": latent},
+            ),
+            "score": (x, {"elbo": (None,)}),
+        }
+        for name, (inputs, outputs) in expected.items():
+            function = signatures[name]
+            assert _specs(function.structured_input_signature[1]) == inputs, name
+            got = _specs(function.structured_outputs)
+            assert got == {k: (tf.float32, shape) for k, shape in outputs.items()}, name
+
+
+def test_only_stock_tensorflow_ops_and_no_pyfunc(bernoulli, gaussian):
+    for export in (bernoulli, gaussian):
+        proto = saved_model_pb2.SavedModel()
+        proto.ParseFromString((pathlib.Path(export.path) / "saved_model.pb").read_bytes())
+        (meta_graph,) = proto.meta_graphs
+        graph = meta_graph.graph_def
+        functions = {f.signature.name for f in graph.library.function}
+        op_types = {node.op for node in graph.node}
+        for function in graph.library.function:
+            op_types.update(node.op for node in function.node_def)
+        assert not op_types & {"PyFunc", "PyFuncStateless", "EagerPyFunc"}
+        # Every op is a registered TensorFlow op (or a call of a function in the graph's own
+        # library): nothing a C++ server without this Python package could not run.
+        unknown = {op for op in op_types - functions if op_def_registry.get(op) is None}
+        assert not unknown, unknown
+        # The graph does sample (score, sample), only with stateless ops seeded by its inputs or
+        # constants: no stateful random op, whose draws would change from call to call.
+        assert {op for op in op_types if op.startswith("StatelessRandom")}
+        assert not op_types & STATEFUL_RANDOM_OPS
+
+
+def test_only_the_weights_are_saved(bernoulli):
+    reader = tf.train.load_checkpoint(str(pathlib.Path(bernoulli.path) / "variables" / "variables"))
+    shapes = reader.get_variable_to_shape_map()
+    saved = sum(int(np.prod(s)) for k, s in shapes.items() if k.startswith("model_variables/"))
+    assert saved == bernoulli.model.count_params()
+    # Nothing else but the two recorded score settings (no optimizer or seed-generator state,
+    # no second copy of the Keras variables).
+    others = {k.split("/")[0] for k in shapes} - {"model_variables", "_CHECKPOINTABLE_OBJECT_GRAPH"}
+    assert others == {"score_num_samples", "score_seed"}
+
+
+# ---------------------------------------------------------------------------- values
+
+
+def test_deterministic_signatures_match_the_keras_model(export):
+    model, x = export.model, export.x
+    served = export("serving_default", x=x)
+    np.testing.assert_allclose(served["reconstruction"], model.reconstruct(x), atol=1e-5)
+    params = model.encode(x)
+    posterior_mean = model.posterior_layer.mean(params)
+    np.testing.assert_allclose(served["z_mean"], posterior_mean, atol=1e-5)
+    encoded = export("encode", x=x)
+    assert sorted(encoded) == sorted(model.posterior_layer.param_names)
+    for name, value in params.items():
+        np.testing.assert_allclose(encoded[name], value, atol=1e-5)
+    z = np.random.default_rng(1).normal(size=(7, LATENT)).astype(np.float32)
+    decoded = export("decode", z=z)
+    np.testing.assert_allclose(decoded["x_mean"], model.decode(z), atol=1e-5)
+    if model.decoder.likelihood == "gaussian":
+        np.testing.assert_allclose(decoded["x_log_var"], model.decoder(z)["x_log_var"], atol=1e-5)
+    # The encoder's outputs vary across examples: the comparison above is not of constants.
+    assert np.ptp(served["z_mean"], axis=0).min() > 1e-3
+
+
+def test_sample_is_stateless_and_matches_model_sample(export):
+    model = export.model
+    seed = np.array([3, 4], np.int32)
+    first = export("sample", num_samples=np.int32(6), seed=seed)
+    again = export("sample", num_samples=np.int32(6), seed=seed)
+    for name in ("x_mean", "z"):
+        np.testing.assert_array_equal(first[name], again[name])
+    np.testing.assert_allclose(first["z"], model.sample_z(6, seed=seed), atol=1e-5)
+    np.testing.assert_allclose(first["x_mean"], model.sample(6, seed=seed), atol=1e-5)
+    np.testing.assert_allclose(first["x_mean"], export("decode", z=first["z"])["x_mean"], atol=1e-6)
+    other = export("sample", num_samples=np.int32(6), seed=np.array([3, 5], np.int32))
+    assert not np.allclose(other["z"], first["z"])
+    # num_samples is dynamic: any count, zero included, from the one graph.
+    for n in (0, 1, 33):
+        assert export("sample", num_samples=np.int32(n), seed=seed)["z"].shape == (n, LATENT)
+
+
+def test_score_is_the_models_bound_per_example_and_independent_of_the_batch(export):
+    model, x = export.model, export.x
+    assert int(export.loaded.score_num_samples.numpy()) == DEFAULT_SCORE_NUM_SAMPLES
+    np.testing.assert_array_equal(export.loaded.score_seed.numpy(), [DEFAULT_SCORE_SEED, 0])
+    score = export("score", x=x)["elbo"]
+    assert score.shape == (len(x),)
+    expected = [
+        model.elbo(x[i : i + 1], num_samples=DEFAULT_SCORE_NUM_SAMPLES, seed=DEFAULT_SCORE_SEED)[0]
+        for i in range(len(x))
+    ]
+    np.testing.assert_allclose(score, expected, rtol=1e-5)
+    # Same x, same score: repeated, reordered, or sent alone (TF Serving's batching merges
+    # requests, so an example's batch-mates are not the client's choice).
+    np.testing.assert_array_equal(export("score", x=x)["elbo"], score)
+    order = np.array([3, 0, 4, 1, 2])
+    np.testing.assert_allclose(export("score", x=x[order])["elbo"], score[order], rtol=1e-6)
+    np.testing.assert_allclose(export("score", x=x[2:3])["elbo"], score[2:3], rtol=1e-6)
+    # Scores differ across examples: a score that ignored x would pass none of the above.
+    assert np.ptp(score) > 1e-3
+
+
+def test_score_settings_are_arguments_of_the_export(tmp_path):
+    model = tiny_model(BERNOULLI_EVENT, keras_aevb.BernoulliDecoder)
+    x = binary_x(3)
+    loaded = tf.saved_model.load(
+        export_saved_model(model, tmp_path / "1", score_num_samples=3, score_seed=(5, 7))
+    )
+    assert int(loaded.score_num_samples.numpy()) == 3
+    np.testing.assert_array_equal(loaded.score_seed.numpy(), [5, 7])
+    score = loaded.signatures["score"](x=tf.constant(x))["elbo"].numpy()
+    seed = np.array([5, 7], np.int32)
+    expected = [model.elbo(x[i : i + 1], num_samples=3, seed=seed)[0] for i in range(3)]
+    np.testing.assert_allclose(score, expected, rtol=1e-5)
+    with pytest.raises(ValueError, match="at least 1"):
+        export_saved_model(model, tmp_path / "2", score_num_samples=0)
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+def _refused(export, signature, match, **inputs):
+    with pytest.raises(tf.errors.InvalidArgumentError, match=match):
+        export(signature, **inputs)
+
+
+@pytest.mark.parametrize("signature", ["serving_default", "encode", "score"])
+def test_bad_x_is_refused_with_a_message_naming_the_problem(bernoulli, gaussian, signature):
+    x = bernoulli.x.copy()
+    x[1, 3, 4] = np.nan
+    _refused(bernoulli, signature, "x holds NaN or inf", x=x)
+    x[1, 3, 4] = np.inf
+    _refused(bernoulli, signature, "x holds NaN or inf", x=x)
+    for value in (1.5, -0.25):
+        x[1, 3, 4] = value
+        _refused(bernoulli, signature, r"x must lie in \[0, 1\] for a Bernoulli model", x=x)
+    _refused(
+        gaussian,
+        signature,
+        "x holds NaN or inf",
+        x=np.full((2, *GAUSSIAN_EVENT), -np.inf, np.float32),
+    )
+    # Wrong shapes: the signature's shape, checked in the graph (EnsureShape), so also where a
+    # server feeds the graph directly; a flattened (784,) input is refused as well.
+    for shape in ((2, 27, 28), (2, 784), (28, 28)):
+        _refused(
+            bernoulli,
+            signature,
+            "not compatible with expected shape",
+            x=np.zeros(shape, np.float32),
+        )
+    # Wrong dtype: refused by the signature, no silent cast.
+    _refused(bernoulli, signature, "expected to be a float", x=bernoulli.x.astype(np.float64))
+
+
+def test_bad_z_num_samples_and_seed_are_refused(bernoulli):
+    z = np.zeros((3, LATENT), np.float32)
+    z[0, 1] = np.nan
+    _refused(bernoulli, "decode", "z holds NaN or inf", z=z)
+    _refused(bernoulli, "decode", "not compatible", z=np.zeros((3, LATENT + 1), np.float32))
+    seed = np.array([1, 2], np.int32)
+    _refused(bernoulli, "sample", "num_samples must be >= 0", num_samples=np.int32(-1), seed=seed)
+    with pytest.raises((tf.errors.InvalidArgumentError, ValueError, TypeError)):
+        bernoulli("sample", num_samples=np.int32(2), seed=np.array([1, 2, 3], np.int32))
+    _refused(bernoulli, "sample", "expected to be a int", num_samples=np.int64(2), seed=seed)
+
+
+def test_a_gaussian_model_takes_values_outside_0_1(gaussian):
+    # The [0, 1] check is the Bernoulli likelihood's (a probability of binary data); a Gaussian
+    # density is defined everywhere, so its export must not refuse such x.
+    scores = gaussian("score", x=np.full((2, *GAUSSIAN_EVENT), 1.5, np.float32))["elbo"]
+    assert np.all(np.isfinite(scores))
+
+
+# ---------------------------------------------------------------------------- serving paths
+
+
+def test_loads_and_runs_in_a_fresh_process_without_keras_aevb_or_keras(bernoulli, tmp_path):
+    x = bernoulli.x
+    seed = np.array([9, 1], np.int32)
+    nan_x = x[:1].copy()
+    nan_x[0, 0, 0] = np.nan
+    inputs = {
+        "serving_default__x": x,
+        "encode__x": x,
+        "decode__z": np.linspace(-2, 2, 2 * LATENT, dtype=np.float32).reshape(2, LATENT),
+        "sample__num_samples": np.int32(4),
+        "sample__seed": seed,
+        "score__x": x,
+        "bad__score__x": nan_x,
+        "bad__serving_default__x": np.full_like(x, 2.0),
+    }
+    np.savez(tmp_path / "inputs.npz", **inputs)
+    process = subprocess.run(
+        [sys.executable, str(CLIENT), bernoulli.path, str(tmp_path / "inputs.npz"),
+         str(tmp_path / "outputs.npz")],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    assert process.returncode == 0, process.stderr[-3000:]
+    report = json.loads(process.stdout.strip().splitlines()[-1])
+    # keras, keras_aevb, TFP and tf_keras were hidden as if uninstalled; none got imported, and
+    # TensorFlow imported and ran the model without them.
+    assert report["hidden"] == ["keras", "keras_aevb", "tensorflow_probability", "tf_keras"]
+    assert report["after_import_tensorflow"] == [] and report["after_run"] == []
+    assert report["signatures"] == sorted(SIGNATURE_NAMES)
+    outputs = dict(np.load(tmp_path / "outputs.npz"))
+    for signature in ("serving_default", "encode", "decode", "sample", "score"):
+        feeds = {k.split("__")[1]: v for k, v in inputs.items() if k.startswith(signature + "__")}
+        for name, value in bernoulli(signature, **feeds).items():
+            # Same graph and inputs in another process: equal up to thread-order rounding.
+            np.testing.assert_allclose(outputs[f"{signature}__{name}"], value, rtol=1e-6)
+    assert report["errors"]["bad__score__x"][0] == "InvalidArgumentError"
+    assert "x holds NaN or inf" in report["errors"]["bad__score__x"][1]
+    assert "[0, 1] for a Bernoulli model" in report["errors"]["bad__serving_default__x"][1]
+
+
+def _saved_model_cli():
+    script = pathlib.Path(sys.executable).parent / "saved_model_cli"
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-m", "tensorflow.python.tools.saved_model_cli"]
+
+
+def _cli_run(path, signature, out_dir, *args):
+    command = [*_saved_model_cli(), "run", "--dir", path, "--tag_set", "serve",
+               "--signature_def", signature, "--outdir", str(out_dir), *args]  # fmt: skip
+    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+
+def test_saved_model_cli_run(bernoulli, tmp_path):
+    np.save(tmp_path / "x.npy", bernoulli.x)
+    process = _cli_run(
+        bernoulli.path, "serving_default", tmp_path / "a", f"--inputs=x={tmp_path / 'x.npy'}"
+    )
+    assert process.returncode == 0, process.stderr[-3000:]
+    expected = bernoulli("serving_default", x=bernoulli.x)
+    for name in ("reconstruction", "z_mean"):
+        np.testing.assert_allclose(
+            np.load(tmp_path / "a" / f"{name}.npy"), expected[name], rtol=1e-6, atol=1e-7
+        )
+    process = _cli_run(
+        bernoulli.path, "sample", tmp_path / "b", "--input_exprs=num_samples=3;seed=[1,2]"
+    )
+    assert process.returncode == 0, process.stderr[-3000:]
+    expected = bernoulli("sample", num_samples=np.int32(3), seed=np.array([1, 2], np.int32))
+    np.testing.assert_allclose(np.load(tmp_path / "b" / "z.npy"), expected["z"], rtol=1e-6)
+
+
+# TF Serving's REST API (https://www.tensorflow.org/tfx/serving/api_rest): the row format
+# ("instances": one entry per example, batched along a new axis 0) and the columnar format
+# ("inputs": each named input as a whole tensor). The decoder below follows its rules, with the
+# dtypes and names of the signature as the server takes them from the SavedModel.
+
+
+def _decode_rest_body(body, input_specs):
+    if "instances" in body:
+        instances = body["instances"]
+        if len(input_specs) == 1 and not isinstance(instances[0], dict):
+            (name,) = input_specs
+            instances = [{name: instance} for instance in instances]
+        columns = {name: [instance[name] for instance in instances] for name in input_specs}
+    else:
+        columns = body["inputs"]
+        if not isinstance(columns, dict):
+            (name,) = input_specs
+            columns = {name: columns}
+    return {
+        name: tf.constant(np.asarray(columns[name], spec.dtype.as_numpy_dtype))
+        for name, spec in input_specs.items()
+    }
+
+
+def _example_inputs(input_specs, rng, batch=3):
+    """Values for a signature's inputs, made from its specs only (names, dtypes, shapes)."""
+    values = {}
+    for name, spec in input_specs.items():
+        shape = [batch if d is None else d for d in spec.shape.as_list()]
+        if spec.dtype == tf.int32:
+            values[name] = rng.integers(1, 5, size=shape).astype(np.int32)
+        else:
+            values[name] = (rng.random(shape) < 0.3).astype(np.float32)
+    return values
+
+
+def _rest_body(signature, input_specs, values):
+    """The JSON body a client sends; row format where every input has a batch axis."""
+    if all(spec.shape.rank and spec.shape[0] is None for spec in input_specs.values()):
+        if len(values) == 1:
+            instances = next(iter(values.values())).tolist()
+        else:
+            instances = [
+                dict(zip(values, row, strict=True))
+                for row in zip(*(v.tolist() for v in values.values()), strict=True)
+            ]
+        return {"signature_name": signature, "instances": instances}
+    return {"signature_name": signature, "inputs": {k: v.tolist() for k, v in values.items()}}
+
+
+def test_rest_and_grpc_requests_built_from_the_signatures_run(bernoulli):
+    rng = np.random.default_rng(2)
+    try:
+        from tensorflow_serving.apis import predict_pb2
+    except ImportError:  # tensorflow-serving-api absent: the same TensorProtos, unwrapped.
+        predict_pb2 = None
+    for signature in SIGNATURE_NAMES:
+        function = bernoulli.loaded.signatures[signature]
+        input_specs = function.structured_input_signature[1]
+        values = _example_inputs(input_specs, rng)
+        expected = bernoulli(signature, **values)
+
+        # REST: JSON over HTTP, decoded as TF Serving does.
+        body = json.loads(json.dumps(_rest_body(signature, input_specs, values)))
+        assert body["signature_name"] == signature
+        outputs = function(**_decode_rest_body(body, input_specs))
+        for name, value in outputs.items():
+            # JSON carries the float32 values exactly (shortest repr round-trips).
+            np.testing.assert_array_equal(value.numpy(), expected[name])
+        json.dumps(
+            {
+                "predictions": [
+                    dict(zip(outputs, row, strict=True))
+                    for row in zip(*(v.numpy().tolist() for v in outputs.values()), strict=True)
+                ]
+            }
+        )
+
+        # gRPC: PredictRequest.inputs maps each input name to a TensorProto.
+        protos = {
+            name: tf.make_tensor_proto(v, dtype=input_specs[name].dtype)
+            for name, v in values.items()
+        }
+        if predict_pb2 is not None:
+            request = predict_pb2.PredictRequest()
+            request.model_spec.name = "mnist_vae"
+            request.model_spec.signature_name = signature
+            for name, proto in protos.items():
+                request.inputs[name].CopyFrom(proto)
+            received = predict_pb2.PredictRequest.FromString(request.SerializeToString())
+            assert received.model_spec.signature_name == signature
+            protos = dict(received.inputs)
+        feeds = {name: tf.constant(tf.make_ndarray(proto)) for name, proto in protos.items()}
+        for name, value in function(**feeds).items():
+            np.testing.assert_array_equal(value.numpy(), expected[name])
+
+
+def _readme_bodies():
+    text = (ROOT / "saved_models" / "README.md").read_text()
+    return [json.loads(block) for block in re.findall(r"```json\n(.*?)```", text, re.S)]
+
+
+def test_readme_request_bodies_fit_the_paper_mnist_signatures(tmp_path):
+    # The README's complete JSON bodies are for the paper's MNIST model (J = 20, 28x28); the
+    # hidden size does not change the signatures, so a 16-unit model stands in for it.
+    model = keras_aevb.paper_model("mnist", 20, hidden_units=16, seed=0)
+    loaded = tf.saved_model.load(export_saved_model(model, tmp_path / "1"))
+    bodies = _readme_bodies()
+    assert {body["signature_name"] for body in bodies} >= {"decode", "sample"}
+    for body in bodies:
+        function = loaded.signatures[body["signature_name"]]
+        feeds = _decode_rest_body(body, function.structured_input_signature[1])
+        outputs = function(**feeds)
+        assert all(np.all(np.isfinite(v.numpy())) for v in outputs.values())
+
+
+# ---------------------------------------------------------------------------- families
+
+
+def _prior_for(family):
+    if family.support == "real":
+        return "standard_normal"
+    matching = sorted(
+        n for n, (_, support) in keras_aevb.PRIORS.items() if support == family.support
+    )
+    if not matching:
+        pytest.skip(f"no prior with the support {family.support!r} of family {family.name!r}")
+    return matching[0]
+
+
+def _has_mean(family):
+    params = {n: family.constrain[n](tf.zeros([1, LATENT])) for n in family.param_names}
+    try:
+        return bool(tf.reduce_all(tf.math.is_finite(family.distribution(params).mean())))
+    except NotImplementedError:
+        return False
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_every_posterior_family_with_a_mean_exports(name, tmp_path):
+    family = get_family(name)
+    model = tiny_model(
+        BERNOULLI_EVENT, keras_aevb.BernoulliDecoder, posterior=name, prior=_prior_for(family)
+    )
+    if not _has_mean(family):
+        with pytest.raises(ValueError, match="has no mean"):
+            export_saved_model(model, tmp_path / "1")
+        return
+    export = Export(model, export_saved_model(model, tmp_path / "1"), binary_x(4))
+    x = export.x
+    assert sorted(export.loaded.signatures["encode"].structured_outputs) == sorted(
+        family.param_names
+    )
+    served = export("serving_default", x=x)
+    np.testing.assert_allclose(
+        served["z_mean"], model.posterior_layer.mean(model.encode(x)), atol=1e-5
+    )
+    np.testing.assert_allclose(served["reconstruction"], model.reconstruct(x), atol=1e-5)
+    score = export("score", x=x)["elbo"]
+    expected = [
+        model.elbo(x[i : i + 1], num_samples=DEFAULT_SCORE_NUM_SAMPLES, seed=DEFAULT_SCORE_SEED)[0]
+        for i in range(len(x))
+    ]
+    np.testing.assert_allclose(score, expected, rtol=1e-5)
+    np.testing.assert_allclose(export("score", x=x[::-1])["elbo"], score[::-1], rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------- paths
+
+
+def test_next_version(tmp_path):
+    assert next_version(tmp_path / "missing") == 1
+    assert next_version(tmp_path) == 1
+    for name in ("1", "3", "latest", "0010x"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "7").write_text("a file, not a version")
+    assert next_version(tmp_path) == 4
+
+
+def test_an_existing_version_is_never_overwritten(bernoulli):
+    base = pathlib.Path(bernoulli.path).parent
+    before = (pathlib.Path(bernoulli.path) / "saved_model.pb").read_bytes()
+    with pytest.raises(FileExistsError, match=r"never overwritten.*mnist_vae[/\\]2"):
+        export_saved_model(bernoulli.model, bernoulli.path)
+    assert (pathlib.Path(bernoulli.path) / "saved_model.pb").read_bytes() == before
+    assert next_version(base) == 2
+
+
+def test_export_from_a_keras_file_and_argument_errors(tmp_path):
+    model = tiny_model(GAUSSIAN_EVENT, keras_aevb.GaussianDecoder)
+    model.save(tmp_path / "model.keras")
+    path = export_saved_model(str(tmp_path / "model.keras"), tmp_path / "frey_vae" / "1")
+    loaded = tf.saved_model.load(path)
+    x = grey_x(2)
+    np.testing.assert_allclose(
+        loaded.signatures["serving_default"](x=tf.constant(x))["reconstruction"].numpy(),
+        model.reconstruct(x),
+        atol=1e-5,
+    )
+    with pytest.raises(ValueError, match=r"\.keras file"):
+        export_saved_model(str(tmp_path / "model.h5"), tmp_path / "x" / "1")
+    with pytest.raises(FileNotFoundError):
+        export_saved_model(str(tmp_path / "absent.keras"), tmp_path / "x" / "1")
+    with pytest.raises(ValueError, match="keras_aevb.AEVB"):
+        export_saved_model(keras.Sequential([keras.layers.Dense(1)]), tmp_path / "x" / "1")
+    unbuilt = keras_aevb.AEVB(
+        keras_aevb.MLPEncoder(2, (4,)), keras_aevb.BernoulliDecoder((3, 3), (4,))
+    )
+    with pytest.raises(ValueError, match="not built"):
+        export_saved_model(unbuilt, tmp_path / "x" / "1")
+    with pytest.warns(UserWarning, match="TF Serving loads versions"):
+        export_saved_model(model, tmp_path / "not_a_version")
+    assert not os.path.exists(tmp_path / "x")
