@@ -1,0 +1,309 @@
+"""Pictures of a trained model: image grids, the 2-D manifold (Fig. 4), the bound curves (Fig. 2).
+
+Every function returns or writes plain images, so a notebook can show them and the CLI can save
+them. Matplotlib is imported inside the functions with the non-interactive "Agg" backend, and
+only when a picture is drawn: importing this module (or keras_aevb) never touches a display.
+
+Example:
+>>> grid = image_grid(model.sample(100, seed=0), rows=10, cols=10)  # doctest: +SKIP
+>>> save_png("samples.png", grid)  # doctest: +SKIP
+
+Reference: Kingma & Welling, "Auto-Encoding Variational Bayes", arXiv:1312.6114, Fig. 2, 4, 5.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "image_grid",
+    "manifold",
+    "manifold_points",
+    "plot_bound",
+    "read_history",
+    "reconstruction_grid",
+    "sample_grid",
+    "save_png",
+]
+
+HISTORY_COLUMNS = ("epoch", "examples_seen", "seconds", "train_elbo", "test_elbo")
+
+
+def _matplotlib():
+    """Matplotlib with the Agg backend (no display needed); imported only when drawing."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def image_grid(images, rows=None, cols=None, pad=2, pad_value=1.0, image_shape=None):
+    """Tiles images into one grey picture, row by row.
+
+    Args:
+        images: array-like `[n, height, width]` (or `[n, height, width, 1]`, or `[n, d]` with
+            `image_shape`), values in [0, 1] (decoder means, binary or grey data).
+        rows, cols: grid size; by default the smallest near-square grid holding n images.
+            Cells past the n-th are left at `pad_value`.
+        pad: pixels between neighbouring images (none at the outer border).
+        pad_value: grey value of the padding (1.0 = white).
+        image_shape: `(height, width)` for flat images.
+
+    Returns:
+        float32 `[rows * height + (rows - 1) * pad, cols * width + (cols - 1) * pad]`, clipped
+        to [0, 1].
+
+    Raises:
+        ValueError: no images, a grid too small for them, or images that are not 2-D.
+    """
+    images = np.asarray(images, dtype=np.float32)
+    if image_shape is not None:
+        images = images.reshape(len(images), *image_shape)
+    if images.ndim == 4 and images.shape[-1] == 1:
+        images = images[..., 0]
+    if images.ndim != 3:
+        raise ValueError(
+            f"image_grid needs images of shape [n, height, width], got {list(images.shape)}; "
+            "pass image_shape=(height, width) for flat images."
+        )
+    n, height, width = images.shape
+    if n == 0:
+        raise ValueError("image_grid got no images.")
+    if rows is None and cols is None:
+        cols = math.ceil(math.sqrt(n))
+    if rows is None:
+        rows = math.ceil(n / cols)
+    if cols is None:
+        cols = math.ceil(n / rows)
+    if rows * cols < n:
+        raise ValueError(f"A {rows}x{cols} grid holds {rows * cols} images, not {n}.")
+    grid = np.full(
+        (rows * height + (rows - 1) * pad, cols * width + (cols - 1) * pad),
+        pad_value,
+        dtype=np.float32,
+    )
+    for k in range(n):
+        r, c = divmod(k, cols)
+        top, left = r * (height + pad), c * (width + pad)
+        grid[top : top + height, left : left + width] = images[k]
+    return np.clip(grid, 0.0, 1.0)
+
+
+def save_png(path, image, scale=1):
+    """Writes a grey image in [0, 1] as a PNG of exactly its size (times `scale`), atomically.
+
+    The file appears complete or not at all (written to a temporary file, then renamed), so a
+    failed call leaves an earlier picture at `path` intact.
+
+    Args:
+        path: the output file.
+        image: `[height, width]` grey values in [0, 1].
+        scale: integer upscaling by pixel repetition (nearest neighbour).
+
+    Returns:
+        The path written, as a string.
+    """
+    plt = _matplotlib()
+    image = np.asarray(image, dtype=np.float32)
+    if image.ndim != 2:
+        raise ValueError(f"save_png needs a 2-D grey image, got shape {list(image.shape)}.")
+    if scale > 1:
+        image = np.kron(image, np.ones((scale, scale), np.float32))
+    path = Path(path)
+    if path.parent and not path.parent.is_dir():
+        raise FileNotFoundError(f"output directory {path.parent} does not exist; create it first")
+    _atomic_write(
+        path, lambda f: plt.imsave(f, image, cmap="gray", vmin=0.0, vmax=1.0, format="png")
+    )
+    return str(path)
+
+
+def _atomic_write(path, write):
+    """Calls write(file object) on a temporary file next to `path`, then renames it to `path`."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+# ------------------------------------------------------------------------------ model pictures
+
+
+def sample_grid(model, num=100, seed=0, rows=None, cols=None):
+    """Decoder means at `num` draws z ~ p(z) (paper Fig. 5), tiled into one image."""
+    images = np.asarray(model.sample(int(num), seed=seed))
+    return image_grid(images, rows=rows, cols=cols)
+
+
+def reconstruction_grid(model, x, cols=10):
+    """Data and their reconstructions (decoder mean at the posterior mean), interleaved by rows.
+
+    Row 2k holds up to `cols` examples, row 2k + 1 their reconstructions right below them.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    x = x.reshape(len(x), *model.event_shape)
+    reconstructions = np.asarray(model.reconstruct(x))
+    cols = min(int(cols), len(x))
+    tiles = []
+    for start in range(0, len(x), cols):
+        block = [x[start : start + cols], reconstructions[start : start + cols]]
+        for part in block:
+            fill = np.ones((cols - len(part), *model.event_shape), np.float32)
+            tiles.append(np.concatenate([part, fill]))
+    return image_grid(np.concatenate(tiles), cols=cols)
+
+
+def manifold_points(model, grid=20):
+    """The latent points of Fig. 4: a grid on the unit square through the prior's inverse CDF.
+
+    The grid holds the midpoints u_i = (i + 0.5) / grid of `grid` equal cells per axis (so
+    neither 0 nor 1, where the inverse CDF of a Gaussian is infinite), mapped by the prior's
+    per-dimension quantile function z = F^{-1}(u). Rows run from high z_2 (top) to low z_2, as in
+    a plot with the z_2 axis pointing up; columns from low to high z_1.
+
+    Returns:
+        float32 `[grid * grid, 2]`, row-major over the picture.
+
+    Raises:
+        ValueError: the model's latent space is not 2-D, or the prior has no quantile function.
+    """
+    from keras_aevb.prior import prior_quantile
+
+    latent_dim = int(model.latent_dim)
+    if latent_dim != 2:
+        raise ValueError(
+            f"the manifold picture needs a 2-D latent space, but this model has latent_dim="
+            f"{latent_dim}; train one with --latent-dim 2"
+        )
+    grid = int(grid)
+    if grid < 1:
+        raise ValueError(f"grid must be a positive integer, got {grid}.")
+    u = (np.arange(grid, dtype=np.float32) + 0.5) / grid
+    u1, u2 = np.meshgrid(u, u[::-1])  # u2 decreasing down the rows: z_2 axis points up
+    points = np.stack([u1.ravel(), u2.ravel()], axis=-1)
+    return np.asarray(prior_quantile(model.prior_distribution, points), dtype=np.float32)
+
+
+def manifold(model, grid=20):
+    """The learned 2-D data manifold (paper Fig. 4): decoder means on a `grid` x `grid` grid.
+
+    Returns:
+        The image grid (see `image_grid`, with padding 0 so the manifold reads as one picture).
+    """
+    z = manifold_points(model, grid)
+    images = np.asarray(model.decode(z))
+    return image_grid(images, rows=int(grid), cols=int(grid), pad=0)
+
+
+# ------------------------------------------------------------------------------ Fig. 2
+
+
+def read_history(run_dir):
+    """Reads `RUN_DIR/history.csv` into a dict of NumPy arrays, one per column.
+
+    Raises:
+        FileNotFoundError: no history.csv in `run_dir`.
+        ValueError: the file lacks one of `HISTORY_COLUMNS`.
+    """
+    path = Path(run_dir) / "history.csv"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no history.csv in {run_dir}; pass a directory written by `keras-aevb train`"
+        )
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in HISTORY_COLUMNS if c not in (reader.fieldnames or ())]
+        if missing:
+            raise ValueError(f"{path} lacks the columns {missing}; is it a keras-aevb history?")
+        rows = list(reader)
+    return {
+        column: np.array([float(row[column]) for row in rows], dtype=np.float64)
+        for column in HISTORY_COLUMNS
+    }
+
+
+def _run_label(run_dir, config, all_configs):
+    """A legend label: what distinguishes this run (N_z first, as in the paper's panels)."""
+    if not config:
+        return Path(run_dir).name
+    parts = [f"Nz={config.get('latent_dim', '?')}"]
+    for key, fmt in (
+        ("dataset", "{}"),
+        ("method", "{}"),
+        ("estimator", "{}"),
+        ("num_samples", "L={}"),
+        ("learning_rate", "lr={}"),
+        ("binarization", "{}"),
+    ):
+        values = {json.dumps(c.get(key), sort_keys=True) for c in all_configs}
+        if len(values) > 1 and key in config:
+            parts.append(fmt.format(config[key]))
+    return ", ".join(parts)
+
+
+def plot_bound(run_dirs, out, title=None):
+    """Draws Fig. 2: the lower bound against the number of training examples seen (log x).
+
+    One colour per run; solid lines are the test bound, dashed lines the training bound (as in
+    the paper). Legends come from each run's config.json (N_z and whatever else differs).
+
+    Args:
+        run_dirs: directories written by `keras-aevb train` (each with history.csv).
+        out: the PNG to write.
+        title: optional title; default: the data set(s) and binarization(s).
+
+    Returns:
+        The path written.
+    """
+    plt = _matplotlib()
+    run_dirs = [Path(d) for d in run_dirs]
+    if not run_dirs:
+        raise ValueError("plot_bound needs at least one run directory.")
+    histories, configs = [], []
+    for run_dir in run_dirs:
+        if not run_dir.is_dir():
+            raise FileNotFoundError(f"run directory not found: {run_dir}")
+        histories.append(read_history(run_dir))
+        config_path = run_dir / "config.json"
+        configs.append(json.loads(config_path.read_text()) if config_path.is_file() else {})
+    order = np.argsort([c.get("latent_dim", 0) for c in configs], kind="stable")
+    fig, ax = plt.subplots(figsize=(6.0, 4.2), dpi=100)
+    try:
+        colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        for k, i in enumerate(order):
+            history, label = histories[i], _run_label(run_dirs[i], configs[i], configs)
+            color = colors[k % len(colors)]
+            x = history["examples_seen"]
+            ax.plot(x, history["test_elbo"], "-", color=color, marker=".", label=f"{label} test")
+            ax.plot(x, history["train_elbo"], "--", color=color, label=f"{label} train")
+        ax.set_xscale("log")
+        ax.set_xlabel("# training examples evaluated")
+        ax.set_ylabel("lower bound L (nats per datapoint)")
+        if title is None:
+            names = sorted({str(c.get("dataset", "?")) for c in configs})
+            binarizations = sorted({str(c.get("binarization", "?")) for c in configs})
+            title = f"{', '.join(names)} ({', '.join(binarizations)} binarization)"
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize="small")
+        fig.tight_layout()
+        out = Path(out)
+        _atomic_write(out, lambda f: fig.savefig(f, format="png"))
+    finally:
+        plt.close(fig)
+    return str(out)

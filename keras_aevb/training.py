@@ -1,0 +1,1048 @@
+"""Training runs as the paper does them (section 5): one call, one run directory, resumable.
+
+`train(TrainConfig(...))` loads the data, builds the model, picks Adagrad's step size from
+{0.01, 0.02, 0.1} "by the bound after the first iterations" if asked, trains with `model.fit`,
+evaluates the test bound after every epoch (the data of the paper's Fig. 2) and writes into the
+run directory:
+
+    config.json         every setting, resolved (binarization, learning rate, N, weight decay, ...)
+    history.csv         epoch, examples_seen, seconds, train_elbo, test_elbo (one row per epoch)
+    model.keras         the trained model (with its optimizer)
+    checkpoints/        state.json + the latest epoch's weights (model and optimizer)
+    logs/               TensorBoard: scalars, plus image grids of samples and reconstructions
+
+history.csv: `examples_seen` counts training examples (the x axis of Fig. 2); `seconds` is the
+wall time of training and evaluation up to the end of the epoch, summed over resumed
+invocations; `train_elbo` and `test_elbo` are the bound (nats per datapoint) measured after the
+epoch on a fixed set: the test split, and as many training examples (the first ones); for
+dynamic binarization both are one fixed Bernoulli draw of the grey images (seeded by the run's
+seed), so that the bound of every epoch is measured on the same binary data.
+
+Resuming: running the same configuration on a run directory that holds a checkpoint continues
+after the last finished epoch. This is Keras's `BackupAndRestore` idea, done so that a kill at
+any instant loses at most the epoch in progress: the weights of epoch k go to a new file, then
+`state.json` (epoch k, the history rows 1..k, the weights file's name) is replaced atomically.
+That rename is the commit point; history.csv is rewritten from the committed rows on resume, so
+every epoch appears in it exactly once. (`BackupAndRestore` writes its weights and its epoch
+number as two non-atomic writes, so a kill between them replays or skips an epoch.)
+
+A failed run changes nothing in the run directory: data, model and settings are all checked
+before the first file is written, and every file is written to a temporary name and renamed.
+
+Example:
+>>> result = train(TrainConfig(dataset="mnist", output="runs/nz20", epochs=3))  # doctest: +SKIP
+>>> result.history[-1]["test_elbo"]  # doctest: +SKIP
+
+Reference: Kingma & Welling, "Auto-Encoding Variational Bayes", arXiv:1312.6114, section 5.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import inspect
+import io
+import json
+import math
+import os
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_aevb import data as data_lib
+from keras_aevb.paper import PAPER_DATASETS, PAPER_INIT_STDDEV
+from keras_aevb.version import __version__
+
+__all__ = [
+    "HISTORY_COLUMNS",
+    "LEARNING_RATE_CANDIDATES",
+    "METHODS",
+    "OPTIMIZERS",
+    "STRATEGIES",
+    "RunRecorder",
+    "TrainConfig",
+    "TrainResult",
+    "build_model",
+    "evaluate_bound",
+    "is_chief",
+    "load_eval_split",
+    "make_optimizer",
+    "select_learning_rate",
+    "train",
+]
+
+HISTORY_COLUMNS = ("epoch", "examples_seen", "seconds", "train_elbo", "test_elbo")
+METHODS = ("aevb", "wake_sleep", "mcem")
+OPTIMIZERS = ("adagrad", "adam")
+STRATEGIES = ("default", "mirrored", "multi_worker")
+DECODERS = ("auto", "bernoulli", "gaussian")
+
+# The paper (section 5): "Stepsizes were adapted with Adagrad [...]; the Adagrad global stepsize
+# parameters were chosen from {0.01, 0.02, 0.1} based on performance on the training set in the
+# first few iterations." Adam is not the paper's; its candidates bracket its usual 1e-3.
+LEARNING_RATE_CANDIDATES = {"adagrad": (0.01, 0.02, 0.1), "adam": (3e-4, 1e-3, 3e-3)}
+
+# Settings that may change between a run and its resumption: they say how long or where to run,
+# not what is trained. Every other setting must match the run directory's config.json.
+_RESUMABLE_CHANGES = frozenset(
+    {"output", "data_dir", "epochs", "max_examples", "verbose", "strategy", "tensorboard"}
+)
+
+# The test bound needs a fixed test set: for dynamic binarization it is one Bernoulli draw of
+# the test images with this seed offset from the run's seed (the same draw for every epoch and
+# for `keras-aevb evaluate`).
+TEST_DRAW_SEED_OFFSET = 0
+
+# Examples of the training set on which the step-size candidates are compared.
+_LR_EVAL_EXAMPLES = 1000
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Every setting of a training run (the CLI's `train` flags; see `keras-aevb train -h`).
+
+    Attributes:
+        dataset: "mnist" or "frey_face".
+        output: the run directory.
+        data_dir: where the data files are; None: `keras_aevb.data.default_data_dir`.
+        latent_dim: N_z (J in the paper).
+        hidden_units: hidden layer sizes; None: the paper's (500 MNIST, 200 Frey Face).
+        decoder: "bernoulli", "gaussian" or "auto" (Bernoulli for MNIST, Gaussian for Frey Face).
+        posterior, prior: names in `keras_aevb.FAMILIES` and `keras_aevb.PRIORS`.
+        estimator: "analytic_kl" (SGVB estimator B, eq. 7), "monte_carlo" (A, eq. 6) or "auto".
+        num_samples: L, samples of z per datapoint.
+        batch_size: M.
+        epochs: passes over the training set; exclusive with `max_examples`.
+        max_examples: cap on the examples seen in training (the x axis of Fig. 2).
+        examples_per_epoch: examples between two test evaluations (history rows); default one
+            pass over the training set. Smaller values give more points on the Fig. 2 curve.
+        train_examples, test_examples: use only the first n examples of each split.
+        optimizer: "adagrad" (the paper's, accumulator starting at 0) or "adam".
+        learning_rate: a float, or "auto": chosen from `lr_candidates` by the bound on the
+            training set after `lr_search_steps` steps from the same initialization.
+        weight_decay: per-datapoint precision of the N(0, I) weight prior; None: 1/N, the
+            paper's MAP prior with N = the number of training examples used.
+        binarization: one of `keras_aevb.data.BINARIZATIONS`; None: the data set's default
+            (dynamic for MNIST, none for Frey Face).
+        seed: seeds the initialization, the data order, the binarization and the noise.
+        method: "aevb", or the baselines "wake_sleep" and "mcem" (`keras_aevb.baselines`).
+        strategy: "default", "mirrored" or "multi_worker" (`tf.distribute`).
+        verbose: Keras's fit verbosity (0 silent, 1 progress bar, 2 one line per epoch).
+        tensorboard: write TensorBoard logs (scalars and image grids) under `output/logs`.
+    """
+
+    dataset: str = "mnist"
+    output: str | None = None
+    data_dir: str | None = None
+    latent_dim: int = 20
+    hidden_units: tuple[int, ...] | None = None
+    decoder: str = "auto"
+    posterior: str = "normal"
+    prior: str = "standard_normal"
+    estimator: str = "auto"
+    num_samples: int = 1
+    batch_size: int = 100
+    epochs: int | None = None
+    max_examples: int | None = None
+    examples_per_epoch: int | None = None
+    train_examples: int | None = None
+    test_examples: int | None = None
+    optimizer: str = "adagrad"
+    learning_rate: float | str = "auto"
+    lr_candidates: tuple[float, ...] | None = None
+    lr_search_steps: int = 200
+    weight_decay: float | None = None
+    binarization: str | None = None
+    seed: int = 0
+    method: str = "aevb"
+    strategy: str = "default"
+    verbose: int = 1
+    tensorboard: bool = True
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What `train` returns: the run directory, its resolved config and history rows."""
+
+    run_dir: str
+    config: dict
+    history: list[dict]
+    examples_per_second: float | None
+    resumed_from_epoch: int
+    model: keras.Model | None = None
+
+
+# -------------------------------------------------------------------------- small utilities
+
+
+def _atomic_write_bytes(path, payload: bytes):
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _atomic_write_json(path, obj):
+    _atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def _history_csv_bytes(rows) -> bytes:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(HISTORY_COLUMNS)
+    for row in rows:
+        writer.writerow(
+            [
+                int(row["epoch"]),
+                int(row["examples_seen"]),
+                f"{row['seconds']:.3f}",
+                f"{row['train_elbo']:.6f}",
+                f"{row['test_elbo']:.6f}",
+            ]
+        )
+    return buffer.getvalue().encode()
+
+
+def _save_keras_atomically(model, path):
+    """`model.save` to a temporary `.keras` name, then a rename (Keras needs the suffix)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.keras")
+    try:
+        model.save(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def is_chief() -> bool:
+    """Whether this process writes the run's files under a multi-worker strategy.
+
+    True without TF_CONFIG, for task type "chief", and for worker 0 of a cluster with no chief
+    (the convention of `tf.distribute.MultiWorkerMirroredStrategy`).
+    """
+    raw = os.environ.get("TF_CONFIG", "")
+    if not raw.strip():
+        return True
+    try:
+        tf_config = json.loads(raw)
+    except json.JSONDecodeError:
+        raise ValueError("TF_CONFIG is not valid JSON; fix or unset it") from None
+    task = tf_config.get("task") or {}
+    task_type, index = task.get("type"), int(task.get("index", 0))
+    if not task_type or task_type == "chief":
+        return True
+    if task_type == "worker":
+        return index == 0 and "chief" not in (tf_config.get("cluster") or {})
+    return False
+
+
+def _tensorboard_available():
+    """tf.summary writes nothing (it raises) unless the tensorboard package is installed."""
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _make_strategy(name):
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if name == "multi_worker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    raise ValueError(f"unknown strategy {name!r}; use one of {', '.join(STRATEGIES)}")
+
+
+def make_optimizer(name, learning_rate):
+    """The optimizer: "adagrad" is the paper's (`keras_aevb.paper_optimizer`), or "adam"."""
+    from keras_aevb.paper import paper_optimizer
+
+    if name == "adagrad":
+        return paper_optimizer(float(learning_rate))
+    if name == "adam":
+        return keras.optimizers.Adam(float(learning_rate))
+    raise ValueError(f"unknown optimizer {name!r}; use one of {', '.join(OPTIMIZERS)}")
+
+
+# -------------------------------------------------------------------------- settings
+
+
+def _resolve_likelihood(config):
+    if config.decoder == "auto":
+        return "gaussian" if config.dataset == "frey_face" else "bernoulli"
+    return config.decoder
+
+
+def _check_settings(config: TrainConfig):
+    """Refuses settings that cannot work, before anything is loaded or written."""
+
+    def positive(name, value, allow_none=False):
+        if value is None and allow_none:
+            return
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+    if config.output is None:
+        raise ValueError("no run directory: pass --output RUN_DIR")
+    if config.dataset not in data_lib.DATASETS:
+        raise data_lib.DataError(
+            f"unknown dataset {config.dataset!r}; use one of {', '.join(data_lib.DATASETS)}"
+        )
+    for name, choices in (
+        ("method", METHODS),
+        ("optimizer", OPTIMIZERS),
+        ("strategy", STRATEGIES),
+        ("decoder", DECODERS),
+    ):
+        if getattr(config, name) not in choices:
+            raise ValueError(f"unknown {name} {getattr(config, name)!r}; use one of {choices}")
+    positive("latent_dim", config.latent_dim)
+    positive("num_samples", config.num_samples)
+    positive("batch_size", config.batch_size)
+    positive("lr_search_steps", config.lr_search_steps)
+    for name in ("epochs", "max_examples", "examples_per_epoch", "train_examples"):
+        positive(name, getattr(config, name), allow_none=True)
+    positive("test_examples", config.test_examples, allow_none=True)
+    if config.epochs is not None and config.max_examples is not None:
+        raise ValueError("pass either --epochs or --max-examples, not both")
+    if config.hidden_units is not None:
+        for units in config.hidden_units:
+            positive("hidden_units", units)
+    if config.weight_decay is not None and not config.weight_decay >= 0:
+        raise ValueError(f"weight_decay must be >= 0, got {config.weight_decay!r}")
+    if config.learning_rate != "auto":
+        try:
+            rate = float(config.learning_rate)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"learning rate must be 'auto' or a positive number, got {config.learning_rate!r}"
+            ) from None
+        if not rate > 0 or not math.isfinite(rate):
+            raise ValueError(f"learning rate must be positive and finite, got {rate!r}")
+    binarization = config.binarization or data_lib.DEFAULT_BINARIZATION[config.dataset]
+    if binarization not in data_lib.BINARIZATIONS:
+        raise data_lib.DataError(
+            f"unknown binarization {binarization!r}; use one of {', '.join(data_lib.BINARIZATIONS)}"
+        )
+    likelihood = _resolve_likelihood(config)
+    if likelihood == "bernoulli" and binarization == "none":
+        raise ValueError(
+            "a Bernoulli decoder needs binary pixels, but --binarization none keeps them grey "
+            "(the bound would not be a likelihood); use --binarization dynamic, static or "
+            "threshold, or --decoder gaussian"
+        )
+    if likelihood == "gaussian" and binarization != "none":
+        raise ValueError(
+            f"a Gaussian decoder on {binarization}-binarized data: its density grows without "
+            "limit on binary pixels; use --binarization none, or --decoder bernoulli"
+        )
+    return binarization, likelihood
+
+
+def _plan_epochs(num_train, config):
+    """Epochs and epoch length from --epochs / --max-examples / --examples-per-epoch.
+
+    An epoch is one pass over the N training examples unless `examples_per_epoch` says
+    otherwise (or `max_examples` < N): then it is a fixed number of steps over a repeated,
+    reshuffled stream, and each epoch ends with a test evaluation (a history row).
+
+    Returns:
+        dict with epochs, examples_per_epoch, steps_per_epoch (None: one pass), repeat.
+    """
+    batch = config.batch_size
+    per_epoch = config.examples_per_epoch or num_train
+    if config.max_examples is not None and config.max_examples < per_epoch:
+        per_epoch = config.max_examples
+    if per_epoch == num_train:
+        steps, examples = None, num_train
+    else:
+        steps = max(1, per_epoch // batch)
+        examples = steps * batch
+    if config.max_examples is not None:
+        epochs = max(1, config.max_examples // examples)
+    else:
+        epochs = config.epochs if config.epochs is not None else 10
+    return {
+        "epochs": int(epochs),
+        "examples_per_epoch": int(examples),
+        "steps_per_epoch": steps,
+        "repeat": steps is not None,
+    }
+
+
+# -------------------------------------------------------------------------- data
+
+
+def load_eval_split(dataset, data_dir, split, binarization, seed=0, num_examples=None):
+    """One split as a fixed array for evaluation: the test set of Fig. 2 and `evaluate`.
+
+    Static and threshold binarizations are what `load_dataset` returns. "dynamic" is a fresh
+    draw each epoch in training; a bound must be computed on one fixed set, so here it is one
+    Bernoulli draw (`binarize(..., "static", seed)`), the same for every epoch and every call
+    with the same seed.
+
+    Returns:
+        `(x, info)`: float32 `[n, *event_shape]`, and load_dataset's info plus
+        "evaluation_binarization" (how the returned values were made, in words).
+    """
+    images, info = data_lib.load_dataset(dataset, data_dir, split, binarization, seed=seed)
+    if num_examples is not None:
+        images = images[: int(num_examples)]
+    info = dict(info, num_examples=int(len(images)))
+    if binarization == "dynamic":
+        images = data_lib.binarize(images, "static", seed=seed + TEST_DRAW_SEED_OFFSET)
+        info["evaluation_binarization"] = (
+            f"dynamic (evaluated on one fixed Bernoulli draw, seed {seed + TEST_DRAW_SEED_OFFSET})"
+        )
+    else:
+        info["evaluation_binarization"] = info["binarization"]
+    return images.astype(np.float32), info
+
+
+def _fixed_subset(images, info, num_examples, seed):
+    """The first `num_examples` of a split loaded by load_dataset, as `load_eval_split` does."""
+    subset = np.asarray(images[: int(num_examples)], np.float32)
+    if info["binarization"] == "dynamic":
+        return data_lib.binarize(subset, "static", seed=seed + TEST_DRAW_SEED_OFFSET)
+    return subset
+
+
+def _pipeline_binarization(info):
+    """What make_dataset still has to do: nothing for data load_dataset already binarized."""
+    return "none" if info["binarized"] else info["binarization"]
+
+
+# -------------------------------------------------------------------------- model
+
+
+def _paper_initializer_config():
+    # A config, not an instance: keras.initializers.get() then makes a fresh initializer per
+    # layer, each drawing its own seed from the global seed (keras.utils.set_random_seed). One
+    # shared instance would give every weight tensor the same numbers (Keras 3 initializers
+    # repeat their draw on every call).
+    return {
+        "class_name": "RandomNormal",
+        "config": {"mean": 0.0, "stddev": PAPER_INIT_STDDEV, "seed": None},
+    }
+
+
+def build_model(
+    dataset,
+    event_shape,
+    latent_dim,
+    hidden_units=None,
+    likelihood=None,
+    posterior="normal",
+    prior="standard_normal",
+    estimator="auto",
+    num_samples=1,
+    weight_decay=0.0,
+    seed=None,
+    method="aevb",
+):
+    """The paper's architecture (App. C) for the CLI's settings, built and not compiled.
+
+    Encoder and decoder are one tanh layer each (500 units MNIST, 200 Frey Face, unless
+    `hidden_units`), every parameter drawn from N(0, 0.01^2) (`keras_aevb.paper`). Seed the
+    initialization with `keras.utils.set_random_seed` before calling.
+
+    Args:
+        method: "aevb", or "wake_sleep" / "mcem" (`keras_aevb.baselines`, imported here).
+
+    Raises:
+        ValueError: a posterior/prior/estimator combination the model refuses, or a baseline
+            whose module is not installed.
+    """
+    from keras_aevb.decoder import BernoulliDecoder, GaussianDecoder
+    from keras_aevb.encoder import MLPEncoder
+    from keras_aevb.model import AEVB
+
+    spec = PAPER_DATASETS[dataset]
+    hidden = tuple(hidden_units) if hidden_units else (spec["hidden"],)
+    if likelihood is None:
+        likelihood = "gaussian" if spec["decoder"] is GaussianDecoder else "bernoulli"
+    decoder_class = {"bernoulli": BernoulliDecoder, "gaussian": GaussianDecoder}[likelihood]
+    init = _paper_initializer_config()
+    encoder = MLPEncoder(
+        latent_dim,
+        hidden_units=hidden,
+        posterior=posterior,
+        kernel_initializer=init,
+        bias_initializer=init,
+        name="encoder",
+    )
+    decoder = decoder_class(
+        tuple(event_shape),
+        hidden_units=tuple(reversed(hidden)),
+        kernel_initializer=init,
+        bias_initializer=init,
+        name="decoder",
+    )
+    if method == "aevb":
+        model = AEVB(
+            encoder,
+            decoder,
+            posterior=posterior,
+            prior=prior,
+            estimator=estimator,
+            num_samples=num_samples,
+            weight_decay=weight_decay,
+            seed=seed,
+            name=f"aevb_{dataset}",
+        )
+    else:
+        model_class = _baseline_class(method)
+        wanted = dict(
+            posterior=posterior,
+            prior=prior,
+            num_samples=num_samples,
+            weight_decay=weight_decay,
+            seed=seed,
+        )
+        accepted = inspect.signature(model_class.__init__).parameters
+        kwargs = {k: v for k, v in wanted.items() if k in accepted}
+        model = model_class(encoder, decoder, name=f"{method}_{dataset}", **kwargs)
+    model.build((None, *event_shape))
+    return model
+
+
+def _baseline_class(method):
+    try:
+        from keras_aevb import baselines
+    except ImportError as e:
+        raise ValueError(
+            f"--method {method} needs keras_aevb.baselines, which is not available ({e}); "
+            "use --method aevb"
+        ) from None
+    name = {"wake_sleep": "WakeSleep", "mcem": "MonteCarloEM"}[method]
+    if not hasattr(baselines, name):
+        raise ValueError(f"keras_aevb.baselines has no {name}; use --method aevb")
+    return getattr(baselines, name)
+
+
+def evaluate_bound(model, x, batch_size=100):
+    """The model's bound (its `elbo` metric, nats per datapoint) on a fixed array `x`."""
+    dataset = data_lib.make_dataset(x, batch_size, "none", shuffle=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # grey-value warnings were given already
+        return float(model.evaluate(dataset, verbose=0, return_dict=True)["elbo"])
+
+
+# -------------------------------------------------------------------------- step size
+
+
+def select_learning_rate(
+    build,
+    initial_weights,
+    train_dataset_fn,
+    eval_x,
+    optimizer="adagrad",
+    candidates=None,
+    steps=200,
+    seed=0,
+    batch_size=100,
+    print_fn=print,
+):
+    """Picks the step size as the paper does: by the bound after the first iterations.
+
+    Each candidate trains a fresh model from the same initial weights, on the same data stream
+    and noise, for `steps` steps; the bound is then measured on `eval_x` (training examples,
+    the paper's "performance on the training set"). Candidates whose bound is NaN, infinite,
+    or no better than at initialization are rejected: plain Adagrad at 0.1 can blow up from
+    the paper's initialization (DESIGN 9).
+
+    Args:
+        build: a function returning a fresh, built, uncompiled model.
+        initial_weights: the weights every candidate starts from (`model.get_weights()`).
+        train_dataset_fn: a function returning the training `tf.data.Dataset` (repeated).
+        eval_x: fixed array of examples to measure the bound on.
+        optimizer, candidates: optimizer name and step sizes (default
+            `LEARNING_RATE_CANDIDATES[optimizer]`).
+        steps: training steps per candidate.
+
+    Returns:
+        `(best_rate, {rate: bound or None})`; None marks a rejected candidate's NaN bound.
+
+    Raises:
+        ValueError: every candidate diverged.
+    """
+    candidates = tuple(candidates or LEARNING_RATE_CANDIDATES[optimizer])
+    bounds = {}
+    initial_bound = None
+    for rate in candidates:
+        keras.utils.set_random_seed(seed)  # the same noise stream for every candidate
+        model = build()
+        model.set_weights(initial_weights)
+        if initial_bound is None:
+            model.compile(optimizer=make_optimizer(optimizer, rate))
+            initial_bound = evaluate_bound(model, eval_x, batch_size)
+        model.compile(optimizer=make_optimizer(optimizer, rate))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            model.fit(train_dataset_fn(), steps_per_epoch=steps, epochs=1, verbose=0)
+        bound = evaluate_bound(model, eval_x, batch_size)
+        bounds[rate] = bound if math.isfinite(bound) else None
+        del model
+    accepted = {r: b for r, b in bounds.items() if b is not None and b > initial_bound}
+    report = ", ".join(
+        f"{r:g}: {'diverged' if r not in accepted else f'{b:.2f}'}" for r, b in bounds.items()
+    )
+    if not accepted:
+        raise ValueError(
+            f"every learning rate diverged in the first {steps} steps ({report}; bound at "
+            f"initialization {initial_bound:.2f}); pass a smaller --learning-rate"
+        )
+    best = max(accepted, key=accepted.get)
+    print_fn(
+        f"keras-aevb: learning rate auto: bound after {steps} steps {{{report}}} "
+        f"(at initialization {initial_bound:.2f}); chose {best:g}"
+    )
+    return best, bounds
+
+
+# -------------------------------------------------------------------------- callbacks
+
+
+class RunRecorder(keras.callbacks.Callback):
+    """Writes history.csv and the resumable checkpoint at the end of every epoch.
+
+    Per epoch, in this order: the history row is appended (train bound from fit's logs, test
+    bound from its validation logs), the weights (model + optimizer) go to a new file in
+    `checkpoints/`, `checkpoints/state.json` is replaced atomically (the commit point: epoch,
+    weights file, all history rows), history.csv is rewritten atomically from those rows, and
+    the previous weights file is deleted. A kill at any instant leaves a consistent state.
+
+    Epochs whose training bound is NaN are neither recorded nor checkpointed, and stop training
+    (like `TerminateOnNaN`); `train` then reports the divergence.
+
+    Args:
+        run_dir: the run directory.
+        rows: history rows of the epochs already done (from the checkpoint), in order.
+        examples_per_epoch: training examples per epoch.
+        state_extra: JSON-able dict stored in state.json (e.g. the chosen learning rate).
+        write: False on non-chief workers: record, write nothing.
+        train_eval_x: fixed training examples on which `train_elbo` is measured at the end of
+            each epoch; None: fit's running mean over the epoch's minibatches.
+        batch_size: batch size of that evaluation.
+    """
+
+    def __init__(
+        self,
+        run_dir,
+        rows,
+        examples_per_epoch,
+        state_extra=None,
+        write=True,
+        train_eval_x=None,
+        batch_size=100,
+    ):
+        super().__init__()
+        self.train_eval_x = train_eval_x
+        self.batch_size = int(batch_size)
+        self.run_dir = Path(run_dir)
+        self.checkpoint_dir = self.run_dir / "checkpoints"
+        self.rows = [dict(r) for r in rows]
+        self.examples_per_epoch = int(examples_per_epoch)
+        self.state_extra = dict(state_extra or {})
+        self.write = write
+        self.seconds_offset = float(self.rows[-1]["seconds"]) if self.rows else 0.0
+        self.train_seconds = 0.0  # this invocation's time in training steps, no evaluation
+        self.epochs_run = 0
+        self.diverged_at = None
+        self._start = self._epoch_start = None
+        self._in_epoch = False
+
+    def on_train_begin(self, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_start = time.perf_counter()
+        self._in_epoch = True
+
+    def on_test_begin(self, logs=None):
+        # fit's validation runs the callbacks' test hooks: the epoch's training ends here.
+        if self._in_epoch:
+            self.train_seconds += time.perf_counter() - self._epoch_start
+            self._in_epoch = False
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        if self._in_epoch:  # no validation ran
+            self.train_seconds += time.perf_counter() - self._epoch_start
+            self._in_epoch = False
+        train_elbo = float(logs.get("elbo", float("nan")))
+        if self.train_eval_x is not None and math.isfinite(train_elbo):
+            # The bound at the end of the epoch, like the test bound: fit's `elbo` is the mean
+            # over the epoch's steps and lags behind the model it reports on.
+            train_elbo = evaluate_bound(self.model, self.train_eval_x, self.batch_size)
+        test_elbo = float(logs.get("val_elbo", float("nan")))
+        if not math.isfinite(train_elbo):
+            self.diverged_at = epoch + 1
+            self.model.stop_training = True
+            return
+        row = {
+            "epoch": epoch + 1,
+            "examples_seen": (epoch + 1) * self.examples_per_epoch,
+            "seconds": self.seconds_offset + time.perf_counter() - self._start,
+            "train_elbo": train_elbo,
+            "test_elbo": test_elbo,
+        }
+        self.rows = [r for r in self.rows if r["epoch"] < row["epoch"]] + [row]
+        self.epochs_run += 1
+        if self.write:
+            self._commit(epoch + 1)
+
+    def _commit(self, epoch):
+        self.checkpoint_dir.mkdir(exist_ok=True)
+        name = f"epoch-{epoch:06d}.weights.h5"
+        tmp = self.checkpoint_dir / f"tmp-{os.getpid()}-{name}"  # Keras needs the suffix
+        self.model.save_weights(tmp, overwrite=True)
+        os.replace(tmp, self.checkpoint_dir / name)
+        state = dict(self.state_extra, epoch=epoch, weights=name, history=self.rows)
+        _atomic_write_json(self.checkpoint_dir / "state.json", state)
+        _atomic_write_bytes(self.run_dir / "history.csv", _history_csv_bytes(self.rows))
+        for old in self.checkpoint_dir.glob("*.weights.h5"):
+            if old.name != name:
+                old.unlink(missing_ok=True)
+
+
+class ImageSummaries(keras.callbacks.Callback):
+    """TensorBoard image grids once per epoch: samples from p(z) and test reconstructions."""
+
+    def __init__(self, log_dir, test_x, num_samples=64, num_reconstructions=16, seed=0):
+        super().__init__()
+        self.log_dir = str(log_dir)
+        self.test_x = np.asarray(test_x[:num_reconstructions], np.float32)
+        self.num_samples = int(num_samples)
+        self.seed = int(seed)
+        self._writer = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        from keras_aevb.plotting import image_grid, reconstruction_grid
+
+        if self._writer is None:
+            self._writer = tf.summary.create_file_writer(self.log_dir)
+        samples = image_grid(np.asarray(self.model.sample(self.num_samples, seed=self.seed)))
+        reconstructions = reconstruction_grid(self.model, self.test_x, cols=8)
+        with self._writer.as_default():
+            for name, grid in (("samples", samples), ("reconstructions", reconstructions)):
+                tf.summary.image(name, grid[None, :, :, None], step=epoch + 1)
+        self._writer.flush()
+
+    def on_train_end(self, logs=None):
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+# -------------------------------------------------------------------------- the run directory
+
+
+def _read_previous_run(run_dir: Path):
+    """`(config, state)` of an earlier run in `run_dir`; `(None, None)` if it is empty/new.
+
+    Raises:
+        ValueError: `run_dir` is a file, or holds files but no keras-aevb run.
+    """
+    if not run_dir.exists():
+        return None, None
+    if not run_dir.is_dir():
+        raise ValueError(f"--output {run_dir} is a file; pass a directory")
+    config_path = run_dir / "config.json"
+    if not config_path.is_file():
+        if any(run_dir.iterdir()):
+            raise ValueError(
+                f"--output {run_dir} holds files but no keras-aevb run (no config.json); "
+                "pass a new or empty directory"
+            )
+        return None, None
+    try:
+        config = json.loads(config_path.read_text())
+        state_path = run_dir / "checkpoints" / "state.json"
+        state = json.loads(state_path.read_text()) if state_path.is_file() else None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"unreadable run files in {run_dir} ({e}); pass a new directory") from None
+    if state is not None and not (run_dir / "checkpoints" / state["weights"]).is_file():
+        raise ValueError(
+            f"{run_dir}/checkpoints/state.json names {state['weights']}, which is missing; "
+            "pass a new directory"
+        )
+    return config, state
+
+
+def _check_same_run(previous, requested, run_dir):
+    differing = sorted(
+        key
+        for key in set(previous.get("requested", {})) | set(requested)
+        if key not in _RESUMABLE_CHANGES
+        and previous.get("requested", {}).get(key) != requested.get(key)
+    )
+    if differing:
+        details = "; ".join(
+            f"{k}: {previous.get('requested', {}).get(k)!r} there, {requested.get(k)!r} now"
+            for k in differing
+        )
+        raise ValueError(
+            f"{run_dir} holds a run with other settings ({details}); rerun it with the same "
+            "settings to resume, or pass a new --output"
+        )
+
+
+def _jsonable(config: TrainConfig):
+    out = dataclasses.asdict(config)
+    for key, value in out.items():
+        if isinstance(value, tuple):
+            out[key] = list(value)
+    return out
+
+
+# -------------------------------------------------------------------------- train
+
+
+def train(config: TrainConfig, print_fn=print) -> TrainResult:
+    """Trains (or resumes) one run and writes its directory; see the module docstring.
+
+    Args:
+        config: the settings.
+        print_fn: where the one-line messages go (learning-rate choice, final summary).
+
+    Returns:
+        A `TrainResult` with the history rows and the trained model.
+
+    Raises:
+        keras_aevb.data.DataError: missing or bad data.
+        ValueError: settings that cannot work, a run directory with another run in it, or a
+            run whose bound became NaN.
+    """
+    binarization, likelihood = _check_settings(config)
+    run_dir = Path(config.output)
+    requested = _jsonable(config)
+    previous_config, state = _read_previous_run(run_dir)
+    if previous_config is not None:
+        _check_same_run(previous_config, requested, run_dir)
+
+    # ---- data (everything is checked before the first file is written)
+    train_x, train_info = data_lib.load_dataset(
+        config.dataset, config.data_dir, "train", binarization, seed=config.seed
+    )
+    if config.train_examples is not None:
+        train_x = train_x[: config.train_examples]
+    test_x, test_info = load_eval_split(
+        config.dataset,
+        config.data_dir,
+        "test",
+        binarization,
+        seed=config.seed,
+        num_examples=config.test_examples,
+    )
+    num_train = len(train_x)
+    pipeline_binarization = _pipeline_binarization(train_info)
+    event_shape = tuple(train_info["event_shape"])
+    plan = _plan_epochs(num_train, config)
+    if previous_config is not None and state is not None:
+        before = previous_config.get("examples_per_epoch")
+        if before != plan["examples_per_epoch"]:
+            raise ValueError(
+                f"{run_dir} was trained with {before} examples per epoch, these settings give "
+                f"{plan['examples_per_epoch']}; resume with the same --examples-per-epoch "
+                "(and a --max-examples of at least one epoch), or pass a new --output"
+            )
+    weight_decay = 1.0 / num_train if config.weight_decay is None else float(config.weight_decay)
+
+    def training_dataset(seed):
+        dataset = data_lib.make_dataset(
+            train_x, config.batch_size, pipeline_binarization, shuffle=True, seed=seed
+        )
+        return dataset.repeat() if plan["repeat"] else dataset
+
+    # ---- model: the initial weights every step-size candidate and the run start from
+    def build():
+        return build_model(
+            config.dataset,
+            event_shape,
+            config.latent_dim,
+            hidden_units=config.hidden_units,
+            likelihood=likelihood,
+            posterior=config.posterior,
+            prior=config.prior,
+            estimator=config.estimator,
+            num_samples=config.num_samples,
+            weight_decay=weight_decay,
+            seed=config.seed,
+            method=config.method,
+        )
+
+    keras.utils.set_random_seed(config.seed)
+    initial = build()
+    initial_weights = initial.get_weights()
+    estimator = getattr(initial, "estimator", None)
+    hidden_units = [layer.units for layer in getattr(initial.encoder, "hidden_layers", [])] or list(
+        config.hidden_units or ()
+    )
+    # The decoder's data check (grey pixels to a Bernoulli decoder, binary to a Gaussian one).
+    message = initial.decoder.check_data(test_x[: min(len(test_x), 1000)])
+    if message and likelihood == "gaussian":
+        warnings.warn(message, UserWarning, stacklevel=2)
+    del initial
+
+    # ---- step size
+    lr_bounds = None
+    if state is not None or (previous_config and "learning_rate_used" in previous_config):
+        learning_rate = float(previous_config["learning_rate_used"])
+        lr_bounds = previous_config.get("learning_rate_search")
+    elif config.learning_rate == "auto":
+        eval_x = _fixed_subset(train_x, train_info, _LR_EVAL_EXAMPLES, config.seed)
+        learning_rate, bounds = select_learning_rate(
+            build,
+            initial_weights,
+            lambda: training_dataset(config.seed).repeat(),
+            eval_x,
+            optimizer=config.optimizer,
+            candidates=config.lr_candidates,
+            steps=config.lr_search_steps,
+            seed=config.seed,
+            batch_size=config.batch_size,
+            print_fn=print_fn,
+        )
+        lr_bounds = {f"{rate:g}": bound for rate, bound in bounds.items()}
+    else:
+        learning_rate = float(config.learning_rate)
+
+    # ---- the model that trains, under the distribution strategy
+    strategy = _make_strategy(config.strategy)
+    chief = is_chief()
+    keras.utils.set_random_seed(config.seed)
+    with strategy.scope():
+        model = build()
+        model.set_weights(initial_weights)
+        model.compile(optimizer=make_optimizer(config.optimizer, learning_rate))
+        initial_epoch, rows = 0, []
+        if state is not None:
+            model.optimizer.build(model.trainable_variables)
+            model.load_weights(run_dir / "checkpoints" / state["weights"])
+            initial_epoch, rows = int(state["epoch"]), list(state["history"])
+
+    resolved = {
+        "requested": requested,
+        **{k: v for k, v in requested.items() if k != "learning_rate"},
+        "learning_rate": config.learning_rate,
+        "learning_rate_used": learning_rate,
+        "learning_rate_search": lr_bounds,
+        "binarization": binarization,
+        "test_binarization": test_info["evaluation_binarization"],
+        "decoder": likelihood,
+        "estimator": estimator,
+        "hidden_units": hidden_units,
+        "weight_decay": weight_decay,
+        "num_train": num_train,
+        "num_test": int(len(test_x)),
+        "event_shape": list(event_shape),
+        "data_dir": None if config.data_dir is None else str(Path(config.data_dir).resolve()),
+        "data_source": train_info["source"],
+        "epochs": plan["epochs"],
+        "examples_per_epoch": plan["examples_per_epoch"],
+        "steps_per_epoch": plan["steps_per_epoch"],
+        "model_class": type(model).__name__,
+        "keras_aevb_version": __version__,
+        "tensorflow_version": tf.__version__,
+        "keras_version": keras.__version__,
+    }
+
+    # ---- from here on the run directory is written
+    if chief:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write_json(run_dir / "config.json", resolved)
+        _atomic_write_bytes(run_dir / "history.csv", _history_csv_bytes(rows))
+
+    # The training bound of history.csv: measured after each epoch, like the test bound, on as
+    # many fixed training examples as there are test examples (same noise level).
+    train_eval_x = _fixed_subset(train_x, train_info, len(test_x), config.seed)
+    recorder = RunRecorder(
+        run_dir,
+        rows,
+        plan["examples_per_epoch"],
+        state_extra={"learning_rate_used": learning_rate},
+        write=chief,
+        train_eval_x=train_eval_x,
+        batch_size=config.batch_size,
+    )
+    callbacks = [recorder]
+    tensorboard = config.tensorboard and _tensorboard_available()
+    if config.tensorboard and not tensorboard:
+        print_fn(
+            "keras-aevb: TensorBoard is not installed, so no logs/ are written "
+            "(pip install tensorboard)"
+        )
+    if chief and tensorboard:
+        callbacks += [
+            keras.callbacks.TensorBoard(
+                log_dir=str(run_dir / "logs"), write_graph=False, update_freq="epoch"
+            ),
+            ImageSummaries(run_dir / "logs" / "images", test_x, seed=config.seed),
+        ]
+    # A resumed run draws a new data order and binarization stream: replaying epoch 1's would
+    # correlate the epochs before and after the interruption.
+    train_dataset = training_dataset(config.seed + initial_epoch)
+    test_dataset = data_lib.make_dataset(test_x, config.batch_size, "none", shuffle=False)
+    if initial_epoch:
+        print_fn(f"keras-aevb: resuming {run_dir} after epoch {initial_epoch}")
+    with warnings.catch_warnings():
+        # Grey-pixel warnings are settled by the binarization check above.
+        warnings.filterwarnings("ignore", message="Grey .non-binary. values", category=UserWarning)
+        model.fit(
+            train_dataset,
+            epochs=plan["epochs"],
+            initial_epoch=initial_epoch,
+            steps_per_epoch=plan["steps_per_epoch"],
+            validation_data=test_dataset,
+            callbacks=callbacks,
+            verbose=config.verbose,
+        )
+    if recorder.diverged_at is not None:
+        raise ValueError(
+            f"training diverged: the bound became NaN in epoch {recorder.diverged_at} "
+            f"(learning rate {learning_rate:g}); the last good epoch's checkpoint is kept. "
+            "Pass a smaller --learning-rate and a new --output"
+        )
+    if chief:
+        _save_keras_atomically(model, run_dir / "model.keras")
+
+    examples_per_second = (
+        recorder.epochs_run * plan["examples_per_epoch"] / recorder.train_seconds
+        if recorder.epochs_run and recorder.train_seconds > 0
+        else None
+    )
+    rows = recorder.rows
+    if rows:
+        last = rows[-1]
+        speed = f"{examples_per_second:,.0f} examples/s" if examples_per_second else "no epochs run"
+        print_fn(
+            f"keras-aevb: {run_dir}: epoch {last['epoch']}/{plan['epochs']}, "
+            f"{last['examples_seen']:,} examples; bound train {last['train_elbo']:.2f}, "
+            f"test {last['test_elbo']:.2f} nats ({test_info['evaluation_binarization']}); "
+            f"{speed}"
+        )
+    return TrainResult(
+        run_dir=str(run_dir),
+        config=resolved,
+        history=rows,
+        examples_per_second=examples_per_second,
+        resumed_from_epoch=initial_epoch,
+        model=model,
+    )
