@@ -258,7 +258,11 @@ def export_saved_model(
     # slots or random-generator state, which a server has no use for.
     module.model_variables = _captured_variables(signatures.values())
     path.parent.mkdir(parents=True, exist_ok=True)
-    tf.saved_model.save(module, str(path), signatures=signatures)
+    # No custom gradients: a server never differentiates, and tracing the gradients of TFP's
+    # special functions (betainc, igammainv: the quantiles of Beta, Gamma, ... priors) would
+    # multiply the export time and the graph's size for nothing.
+    options = tf.saved_model.SaveOptions(experimental_custom_gradients=False)
+    tf.saved_model.save(module, str(path), signatures=signatures, options=options)
     return str(path)
 
 
