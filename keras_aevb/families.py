@@ -7,14 +7,29 @@ here is one `Family` record in `FAMILIES`, chosen by name (no `if name == ...` c
 - `param_names`: the encoder's outputs, one `[batch, latent_dim]` tensor each;
 - `constrain`: maps an unconstrained dense output to a valid parameter, per parameter name;
 - `build`: constrained parameters -> a batch of scalar `tfd` distributions `[batch, latent_dim]`;
-- `noise(shape, dtype, seed)` and `g(eps, params)` (optional; `seed` is a stateless int32 pair): the explicit form eps ~ p(eps), z = g(eps, params) of eq. 4, used
-  for sampling when present so that the gradient is the paper's pathwise one by construction.
-  Families without it are sampled with TFP's own (possibly implicit) reparameterization.
+- `noise(shape, dtype, seed)` and `g(eps, params)` (optional; `seed` is a stateless int32 pair):
+  the explicit form eps ~ p(eps), z = g(eps, params) of eq. 4, used for sampling when present so
+  that the gradient is the paper's pathwise one by construction. Families without it (Gamma,
+  Chi-squared, Beta, Student's t) are sampled with TFP's implicit reparameterization (Figurnov et
+  al., 2018): dz/dphi = -(dF(z; phi)/dphi) / q(z; phi), exact, with no explicit g.
+
+The families by support (see `posterior_families()` for the full table, computed from TFP):
+
+    real line        normal, laplace, logistic, student_t, cauchy, gumbel
+    positive         exponential, gamma, chi2, log_normal, weibull
+    unit interval    uniform, beta, kumaraswamy
+
+Positive parameters are `softplus(raw) + floor`: softplus rather than exp because it grows
+linearly, so one large encoder output cannot overflow a rate or concentration; the floor of each
+parameter says below why it is needed. Scales of location-scale families are `exp(log_scale)`
+with the log softly bounded, the same as the Gaussian's log-variance.
 """
 
 import dataclasses
+import math
 from collections.abc import Callable
 
+import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 from keras import ops
@@ -27,6 +42,60 @@ tfd = tfp.distributions
 # the encoder cannot turn sigma into inf or 0 and the KL into NaN.
 Z_LOG_VAR_BOUNDS = (-30.0, 30.0)
 
+# log scale of the other location-scale families: the same range for the scale as the Gaussian's
+# sigma (exp(0.5 * +-30)), for the same reason.
+Z_LOG_SCALE_BOUNDS = (-15.0, 15.0)
+
+# Floor of rates and scales of the positive families: a rate (or 1/scale) near 0 would put z at
+# float32 infinity; with the floor the mean is at most 1e3 times the standard noise's.
+RATE_FLOOR = 1e-3
+
+# Floor of the shape parameters of Gamma, Chi-squared (df/2) and Weibull. Below 1 the density is
+# infinite at 0, and a sample that underflows to 0.0 in float32 has log q = +inf (Monte Carlo KL
+# infinite) and an undefined implicit gradient. At concentration a, P(z < 1e-38) ~ 1e-38**a:
+# 1e-19 at 0.5 (never seen), but ~1e-4 at 0.1 (several times per MNIST epoch).
+CONCENTRATION_FLOOR = 0.5
+
+# Floor of Beta and Kumaraswamy concentrations. Near 1, float32 resolves 1 - z only to 6e-8, so a
+# concentration b < 1 ends a sample at exactly 1.0 with probability ~(6e-8)**b (2e-4 at b = 0.5),
+# where log q = +inf. With both concentrations >= 1 the density is bounded on [0, 1]: the
+# posterior is unimodal (no U shapes), and the Uniform prior Beta(1, 1) is still reachable.
+UNIT_CONCENTRATION_FLOOR = 1.0
+
+# Smallest width of the Uniform posterior: KL(q || U(0, 1)) = -log(width) stays below 14 nats
+# per dimension, and low + width stays resolvable in float32 (spacing 6e-8 below 1).
+UNIFORM_WIDTH_FLOOR = 1e-6
+
+# Student's t posterior: the degrees of freedom are learned per dimension, df = 2 + softplus(raw +
+# shift). df > 2 keeps the posterior's variance finite (it is scale**2 * df / (df - 2)), so the
+# decoder never sees draws whose spread has no bound; the shift puts an untrained encoder
+# (raw ~ 0) at df = 5, the default Student's t prior's df.
+STUDENT_T_DF_FLOOR = 2.0
+STUDENT_T_DF_SHIFT = math.log(math.expm1(3.0))
+
+# The supports a family or prior can have, as (low, high) intervals.
+SUPPORTS = {
+    "real": (-math.inf, math.inf),
+    "positive": (0.0, math.inf),
+    "unit_interval": (0.0, 1.0),
+}
+
+
+# Expectations E_q[f(z)] on which the finiteness of KL(q || p) = E_q[log q(z) - log p(z)]
+# hangs, given p: -log p(z) grows like log|z| for Student's t and Cauchy priors ("log"), |z| for
+# Laplace, Logistic and the positive priors ("abs"), z^2 for the Normal ("square"), exp(-z) in
+# the left tail of the Gumbel ("exp_neg"), (log z)^2 at 0 and infinity for the LogNormal
+# ("log_square"). A family lists those that are finite for every valid parameter value; a prior
+# whose need is missing gives an infinite KL whatever the encoder does (e.g. a Cauchy posterior
+# under a Normal prior: E_q[z^2] = inf), so `AEVB` refuses the pair.
+EXPECTATIONS = ("log", "abs", "square", "exp_neg", "log_square")
+
+
+def support_contains(outer, inner):
+    """Whether the support named `outer` contains the support named `inner`."""
+    (outer_low, outer_high), (inner_low, inner_high) = SUPPORTS[outer], SUPPORTS[inner]
+    return outer_low <= inner_low and inner_high <= outer_high
+
 
 def soft_clip(x, low, high):
     """Smooth clip of `x` to `(low, high)`: identity well inside, gradient never exactly zero.
@@ -36,6 +105,36 @@ def soft_clip(x, low, high):
     """
     x = low + ops.softplus(x - low)
     return high - ops.softplus(high - x)
+
+
+def uniform_noise(shape, dtype, seed):
+    """u ~ U(0, 1), stateless, strictly inside (0, 1): at least 2**-24 (float32) from both ends.
+
+    `tf.random.stateless_uniform` draws multiples of 2**-23 in [0, 1 - 2**-23]; adding half a
+    step centres the grid, so log(u), log(1 - u) and tan(pi * (u - 1/2)) are all finite: every
+    inverse CDF below maps u to a finite z.
+    """
+    dtype = tf.as_dtype(dtype)
+    half_step = float(np.finfo(dtype.as_numpy_dtype).epsneg)
+    u = tf.random.stateless_uniform(shape, seed, dtype=dtype) + half_step
+    return ops.clip(u, half_step, 1.0 - half_step)
+
+
+def _normal_noise(shape, dtype, seed):
+    return tf.random.stateless_normal(shape, seed, dtype=dtype)
+
+
+def _positive(floor, shift=0.0):
+    """softplus(raw + shift) + floor: a positive parameter bounded away from 0 (see floors)."""
+    return lambda raw: ops.softplus(raw + shift) + floor
+
+
+def _log_scale(raw):
+    return soft_clip(raw, *Z_LOG_SCALE_BOUNDS)
+
+
+def _identity(raw):
+    return raw
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,10 +149,19 @@ class Family:
     noise: Callable | None = None
     g: Callable | None = None
     description: str = ""
+    finite_expectations: tuple = EXPECTATIONS
+
+    @property
+    def reparameterization(self):
+        """'explicit' where the family defines eq. 4's g, else 'implicit' (TFP's sampler)."""
+        return "explicit" if self.g is not None else "implicit"
 
     def distribution(self, params):
         """`tfd.Independent` over the last (latent) axis: log_prob sums over latent dims."""
         return tfd.Independent(self.build(params), reinterpreted_batch_ndims=1)
+
+
+# ---------------------------------------------------------------- real line
 
 
 def _normal_g(eps, params):
@@ -70,12 +178,291 @@ NORMAL = Family(
         "z_mean": lambda raw: raw,
         "z_log_var": lambda raw: soft_clip(raw, *Z_LOG_VAR_BOUNDS),
     },
-    noise=lambda shape, dtype, seed: tf.random.stateless_normal(shape, seed, dtype=dtype),
+    noise=_normal_noise,
     g=_normal_g,
     description="diagonal Gaussian N(z_mean, exp(z_log_var)); eps ~ N(0, I), z = mu + sigma*eps",
 )
 
-FAMILIES = {family.name: family for family in (NORMAL,)}
+
+def _location_scale_g(eps, params):
+    # Section 2.4, case (2): z = location + scale * eps, eps from the standard member.
+    return params["z_loc"] + ops.exp(params["z_log_scale"]) * eps
+
+
+_LOCATION_SCALE_CONSTRAIN = {"z_loc": _identity, "z_log_scale": _log_scale}
+
+
+def _laplace_noise(shape, dtype, seed):
+    # Inverse CDF of Laplace(0, 1): eps = -sign(v) log(1 - 2|v|), v = u - 1/2.
+    v = uniform_noise(shape, dtype, seed) - 0.5
+    return -ops.sign(v) * ops.log1p(-2.0 * ops.abs(v))
+
+
+def _logistic_noise(shape, dtype, seed):
+    # Inverse CDF of Logistic(0, 1): eps = log(u / (1 - u)).
+    u = uniform_noise(shape, dtype, seed)
+    return ops.log(u) - ops.log1p(-u)
+
+
+def _cauchy_noise(shape, dtype, seed):
+    # Inverse CDF of Cauchy(0, 1): eps = tan(pi (u - 1/2)).
+    return ops.tan(math.pi * (uniform_noise(shape, dtype, seed) - 0.5))
+
+
+def _gumbel_noise(shape, dtype, seed):
+    # Inverse CDF of Gumbel(0, 1): eps = -log(-log u).
+    return -ops.log(-ops.log(uniform_noise(shape, dtype, seed)))
+
+
+def _location_scale_family(name, tfd_class, noise, description, finite_expectations):
+    return Family(
+        name=name,
+        param_names=("z_loc", "z_log_scale"),
+        support="real",
+        build=lambda p: tfd_class(loc=p["z_loc"], scale=ops.exp(p["z_log_scale"])),
+        constrain=_LOCATION_SCALE_CONSTRAIN,
+        noise=noise,
+        g=_location_scale_g,
+        description=description,
+        finite_expectations=finite_expectations,
+    )
+
+
+# Exponential tails: every power of |z| has a finite mean, but E exp(-z) only for scale < 1, and
+# an untrained encoder starts at scale 1.
+_EXPONENTIAL_TAILS = ("log", "abs", "square", "log_square")
+
+
+LAPLACE = _location_scale_family(
+    "laplace",
+    tfd.Laplace,
+    _laplace_noise,
+    "Laplace(z_loc, exp(z_log_scale)); eps ~ Laplace(0, 1) by inverse CDF, z = loc + scale*eps",
+    _EXPONENTIAL_TAILS,
+)
+LOGISTIC = _location_scale_family(
+    "logistic",
+    tfd.Logistic,
+    _logistic_noise,
+    "Logistic(z_loc, exp(z_log_scale)); eps = log(u/(1-u)), z = loc + scale*eps",
+    _EXPONENTIAL_TAILS,
+)
+
+
+class _CauchyPosterior(tfd.Cauchy):
+    """tfd.Cauchy whose `mean()` raises NotImplementedError instead of returning NaN.
+
+    The Cauchy distribution has no mean; the posterior layer's deterministic mode catches
+    NotImplementedError and uses the mode (= z_loc) instead. Everything else, including the
+    registered Cauchy-Cauchy KL (looked up along the class hierarchy), is tfd.Cauchy's.
+    """
+
+    def _mean(self):
+        raise NotImplementedError("The Cauchy distribution has no mean; use its mode, z_loc.")
+
+
+CAUCHY = _location_scale_family(
+    "cauchy",
+    _CauchyPosterior,
+    _cauchy_noise,
+    "Cauchy(z_loc, exp(z_log_scale)); eps = tan(pi(u - 1/2)), z = loc + scale*eps",
+    ("log",),  # no mean: only logarithmic moments
+)
+GUMBEL = _location_scale_family(
+    "gumbel",
+    tfd.Gumbel,
+    _gumbel_noise,
+    "Gumbel(z_loc, exp(z_log_scale)); eps = -log(-log u), z = loc + scale*eps",
+    # Right tail exponential, left tail doubly exponential: E exp(-z) = exp(-loc) Gamma(1 + scale).
+    EXPECTATIONS,
+)
+
+STUDENT_T = Family(
+    name="student_t",
+    param_names=("z_loc", "z_log_scale", "z_df"),
+    support="real",
+    build=lambda p: tfd.StudentT(df=p["z_df"], loc=p["z_loc"], scale=ops.exp(p["z_log_scale"])),
+    constrain={
+        "z_loc": _identity,
+        "z_log_scale": _log_scale,
+        "z_df": _positive(STUDENT_T_DF_FLOOR, STUDENT_T_DF_SHIFT),
+    },
+    description=(
+        "StudentT(z_df, z_loc, exp(z_log_scale)), df learned (> 2); implicit: TFP draws "
+        "loc + scale * N / sqrt(G / df), G ~ Gamma(df/2, 1/2) with implicit gradient in df"
+    ),
+    # df > 2: moments below df are finite, so up to z^2; exponential moments never.
+    finite_expectations=("log", "abs", "square", "log_square"),
+)
+
+# ---------------------------------------------------------------- positive half-line
+
+
+def _exponential_noise(shape, dtype, seed):
+    # Inverse CDF of Exponential(1): eps = -log(u) (u and 1 - u have the same law).
+    return -ops.log(uniform_noise(shape, dtype, seed))
+
+
+EXPONENTIAL = Family(
+    name="exponential",
+    param_names=("z_rate",),
+    support="positive",
+    build=lambda p: tfd.Exponential(rate=p["z_rate"]),
+    constrain={"z_rate": _positive(RATE_FLOOR)},
+    noise=_exponential_noise,
+    # Inverse CDF (case 1) and scale (case 2): z = eps / rate.
+    g=lambda eps, p: eps / p["z_rate"],
+    description="Exponential(z_rate); eps = -log u ~ Exp(1), z = eps / rate",
+)
+
+GAMMA = Family(
+    name="gamma",
+    param_names=("z_concentration", "z_rate"),
+    support="positive",
+    build=lambda p: tfd.Gamma(concentration=p["z_concentration"], rate=p["z_rate"]),
+    constrain={
+        "z_concentration": _positive(CONCENTRATION_FLOOR),
+        "z_rate": _positive(RATE_FLOOR),
+    },
+    description="Gamma(z_concentration, z_rate); implicit reparameterization (no closed-form g)",
+)
+
+CHI2 = Family(
+    name="chi2",
+    param_names=("z_df",),
+    support="positive",
+    build=lambda p: tfd.Chi2(df=p["z_df"]),
+    # df / 2 is a Gamma concentration: the same floor, doubled.
+    constrain={"z_df": _positive(2.0 * CONCENTRATION_FLOOR)},
+    description="Chi2(z_df) = Gamma(df/2, 1/2); implicit reparameterization. One parameter: "
+    "mean df, variance 2 df",
+)
+
+
+def _log_normal_g(eps, params):
+    # Composition (case 3): z = exp(loc + scale * eps). The exponent is softly bounded to
+    # (-80, 80) so that z stays a finite, non-zero float32 (exp overflows at 88.7); trained
+    # models sit far inside, where the bound is the identity.
+    return ops.exp(soft_clip(_location_scale_g(eps, params), -80.0, 80.0))
+
+
+LOG_NORMAL = Family(
+    name="log_normal",
+    param_names=("z_loc", "z_log_scale"),
+    support="positive",
+    build=lambda p: tfd.LogNormal(loc=p["z_loc"], scale=ops.exp(p["z_log_scale"])),
+    constrain=_LOCATION_SCALE_CONSTRAIN,
+    noise=_normal_noise,
+    g=_log_normal_g,
+    description="LogNormal(z_loc, exp(z_log_scale)) of log z; eps ~ N(0, 1), "
+    "z = exp(loc + scale*eps)",
+)
+
+
+def _weibull_g(eps, params):
+    # Inverse CDF composed with a power: eps ~ Exp(1), z = scale * eps**(1/k).
+    return params["z_scale"] * ops.exp(ops.log(eps) / params["z_concentration"])
+
+
+WEIBULL = Family(
+    name="weibull",
+    param_names=("z_concentration", "z_scale"),
+    support="positive",
+    build=lambda p: tfd.Weibull(concentration=p["z_concentration"], scale=p["z_scale"]),
+    constrain={
+        "z_concentration": _positive(CONCENTRATION_FLOOR),
+        "z_scale": _positive(RATE_FLOOR),
+    },
+    noise=_exponential_noise,
+    g=_weibull_g,
+    description="Weibull(z_concentration k, z_scale lambda); eps = -log u, z = lambda * eps**(1/k)",
+)
+
+# ---------------------------------------------------------------- unit interval
+
+
+def _uniform_low(params):
+    # low = position * (1 - width), so [low, low + width] lies inside [0, 1] for every raw input.
+    return params["z_position"] * (1.0 - params["z_width"])
+
+
+UNIFORM = Family(
+    name="uniform",
+    param_names=("z_position", "z_width"),
+    support="unit_interval",
+    build=lambda p: tfd.Uniform(low=_uniform_low(p), high=_uniform_low(p) + p["z_width"]),
+    constrain={
+        "z_position": ops.sigmoid,
+        "z_width": lambda raw: UNIFORM_WIDTH_FLOOR + (1.0 - UNIFORM_WIDTH_FLOOR) * ops.sigmoid(raw),
+    },
+    noise=uniform_noise,
+    # Inverse CDF: z = low + width * u.
+    g=lambda u, p: _uniform_low(p) + p["z_width"] * u,
+    description="Uniform(low, low + z_width), low = z_position * (1 - z_width): inside [0, 1]; "
+    "z = low + width*u",
+)
+
+BETA = Family(
+    name="beta",
+    param_names=("z_concentration1", "z_concentration0"),
+    support="unit_interval",
+    build=lambda p: tfd.Beta(
+        concentration1=p["z_concentration1"], concentration0=p["z_concentration0"]
+    ),
+    constrain={
+        "z_concentration1": _positive(UNIT_CONCENTRATION_FLOOR),
+        "z_concentration0": _positive(UNIT_CONCENTRATION_FLOOR),
+    },
+    description="Beta(z_concentration1 a, z_concentration0 b); implicit reparameterization",
+)
+
+
+def _kumaraswamy_g(u, params):
+    # Inverse CDF: z = (1 - (1 - u)**(1/b))**(1/a), in log space for accuracy near 0 and 1.
+    # Clipped into [tiny, 1 - 2**-24]: at a sample rounded to exactly 0 or 1 log q is infinite.
+    a, b = params["z_concentration1"], params["z_concentration0"]
+    inner = -ops.expm1(ops.log1p(-u) / b)
+    z = ops.exp(ops.log(inner) / a)
+    finfo = np.finfo(tf.as_dtype(z.dtype).as_numpy_dtype)
+    return ops.clip(z, float(finfo.tiny), 1.0 - float(finfo.epsneg))
+
+
+KUMARASWAMY = Family(
+    name="kumaraswamy",
+    param_names=("z_concentration1", "z_concentration0"),
+    support="unit_interval",
+    build=lambda p: tfd.Kumaraswamy(
+        concentration1=p["z_concentration1"], concentration0=p["z_concentration0"]
+    ),
+    constrain={
+        "z_concentration1": _positive(UNIT_CONCENTRATION_FLOOR),
+        "z_concentration0": _positive(UNIT_CONCENTRATION_FLOOR),
+    },
+    noise=uniform_noise,
+    g=_kumaraswamy_g,
+    description="Kumaraswamy(a, b), the Beta look-alike with a closed-form inverse CDF; "
+    "z = (1 - (1-u)**(1/b))**(1/a)",
+)
+
+FAMILIES = {
+    family.name: family
+    for family in (
+        NORMAL,
+        LAPLACE,
+        LOGISTIC,
+        STUDENT_T,
+        CAUCHY,
+        GUMBEL,
+        EXPONENTIAL,
+        GAMMA,
+        CHI2,
+        LOG_NORMAL,
+        WEIBULL,
+        UNIFORM,
+        BETA,
+        KUMARASWAMY,
+    )
+}
 
 
 def get_family(name):
@@ -91,16 +478,109 @@ def get_family(name):
     return family
 
 
+def reference_params(family, latent_dim=1, batch=1):
+    """Parameters from raw encoder outputs of 0: a valid point of every family, for checks."""
+    return {
+        name: family.constrain[name](tf.zeros([batch, latent_dim], tf.float32))
+        for name in family.param_names
+    }
+
+
 def check_reparameterized(family):
     """Refuses a family whose samples carry no pathwise gradient (the SGVB estimator needs it)."""
-    params = {
-        name: family.constrain[name](tf.zeros([1, 1], tf.float32)) for name in family.param_names
-    }
-    dist = family.distribution(params)
+    dist = family.distribution(reference_params(family))
     if dist.reparameterization_type != tfd.FULLY_REPARAMETERIZED:
         raise ValueError(
             f"Posterior family {family.name!r} is not fully reparameterized in TFP "
             f"({dist.reparameterization_type}): its samples carry no gradient to the encoder, "
-            "so the SGVB estimator (paper eq. 6-7) cannot be used with it."
+            "so the SGVB estimator (paper eq. 6-7), which differentiates through z = g(eps, phi), "
+            "cannot be used with it. Pick a family from keras_aevb.posterior_families()."
         )
     return dist
+
+
+class FamilyTable(list):
+    """The rows of `posterior_families()`: a list of dicts that prints as a table."""
+
+    COLUMNS = (
+        ("name", "name"),
+        ("support", "support"),
+        ("parameters", "parameters"),
+        ("reparameterization", "reparameterization"),
+        ("analytic_kl_priors", "analytic KL with priors"),
+    )
+
+    def _cells(self, row):
+        return [
+            ", ".join(row[key]) if isinstance(row[key], list | tuple) else str(row[key])
+            for key, _ in self.COLUMNS
+        ]
+
+    def __str__(self):
+        header = [title for _, title in self.COLUMNS]
+        rows = [header] + [self._cells(row) for row in self]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+        lines = [
+            "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip()
+            for r in rows
+        ]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        return "\n".join(lines)
+
+    def markdown(self):
+        """The table in Markdown (the README's families table is this output)."""
+        header = [title for _, title in self.COLUMNS]
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for row in self:
+            lines.append("| " + " | ".join(c or "-" for c in self._cells(row)) + " |")
+        return "\n".join(lines)
+
+
+def posterior_families():
+    """The posterior families with their support, parameters and analytic-KL partners.
+
+    The analytic-KL column is computed, not written by hand: for each named prior in
+    `keras_aevb.prior.PRIORS`, the pair is listed where `tfd.kl_divergence` is registered (there
+    `estimator="auto"` uses the paper's estimator B, eq. 7; elsewhere estimator A, eq. 6).
+
+    Returns:
+        A `FamilyTable` (a list of dicts with keys name, support, parameters,
+        reparameterization, analytic_kl_priors, priors, description) that prints as a table.
+
+    Example:
+    >>> print(posterior_families())  # doctest: +SKIP
+    """
+    # Imported here: prior.py imports this module.
+    from keras_aevb.estimator import has_analytic_kl
+    from keras_aevb.prior import PRIOR_ALIASES, PRIORS, make_prior
+
+    priors = {
+        name: (make_prior(name, 1), support)
+        for name, (_, support) in PRIORS.items()
+        if name not in PRIOR_ALIASES
+    }
+    rows = FamilyTable()
+    for family in FAMILIES.values():
+        posterior = family.distribution(reference_params(family))
+        rows.append(
+            {
+                "name": family.name,
+                "support": family.support,
+                "parameters": list(family.param_names),
+                "reparameterization": family.reparameterization,
+                # Only priors whose support holds the posterior's: elsewhere the KL is infinite.
+                "analytic_kl_priors": [
+                    name
+                    for name, (prior, support) in priors.items()
+                    if support_contains(support, family.support)
+                    and has_analytic_kl(posterior, prior)
+                ],
+                "priors": [
+                    name
+                    for name, (_, support) in priors.items()
+                    if support_contains(support, family.support)
+                ],
+                "description": family.description,
+            }
+        )
+    return rows
