@@ -172,7 +172,6 @@ class AEVB(keras.Model):
         return sgvb_terms(log_px_given_z, posterior, self.prior_distribution, z, self.estimator)
 
     def _weight_penalty(self):
-        """weight_decay / 2 * ||theta||^2, the paper's log p(theta) per datapoint (negated)."""
         if not self.weight_decay:
             return 0.0
         squares = [ops.sum(ops.square(v)) for v in self.trainable_variables]
@@ -180,25 +179,14 @@ class AEVB(keras.Model):
 
     def train_step(self, data):
         x, sample_weight = _unpack(data)
-        # Under tf.distribute the replicas' gradients are summed: scale each replica's mean.
-        replicas = tf.distribute.get_strategy().num_replicas_in_sync
         with tf.GradientTape() as tape:
             terms = self._terms(x, training=True)
-            objective = -_weighted_mean(terms["elbo"], sample_weight) / replicas
+            objective = -_weighted_mean(terms["elbo"], sample_weight) + self._weight_penalty()
+            # Under tf.distribute the replicas' gradients are summed: scale each replica's mean.
+            objective = objective / tf.distribute.get_strategy().num_replicas_in_sync
             scaled = self.optimizer.scale_loss(objective)
-        variables = self.trainable_variables
-        gradients = tape.gradient(scaled, variables)
-        if self.weight_decay:
-            # The gradient of weight_decay / 2 * ||theta||^2 is weight_decay * theta: added in
-            # closed form rather than through the tape, which spent 4-5 extra passes over all
-            # 816k weights per step (about a third of a paper-model step at M = 100; see
-            # benchmarks/BENCHMARKS.md). scale_loss is a multiplication (1 or the loss scale).
-            factor = self.optimizer.scale_loss(self.weight_decay / replicas)
-            gradients = [
-                ops.multiply(ops.cast(factor, v.dtype), v) + (0.0 if g is None else g)
-                for g, v in zip(gradients, variables)
-            ]
-        self.optimizer.apply(gradients, variables)
+        gradients = tape.gradient(scaled, self.trainable_variables)
+        self.optimizer.apply(gradients, self.trainable_variables)
         return self._update_metrics(terms, sample_weight)
 
     def test_step(self, data):
