@@ -96,9 +96,10 @@ def main():
             results[size_] = (_percentiles(saved), _percentiles(keras_eager))
 
     print(f"model: {model.name}, {model.count_params():,} parameters, event {model.event_shape}")
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
     print(
-        f"TensorFlow {tf.__version__}, {os.cpu_count()} CPU cores visible, intra-op threads "
-        f"{tf.config.threading.get_intra_op_parallelism_threads() or 'default'}"
+        f"TensorFlow {tf.__version__}, {os.cpu_count()} CPU cores visible, load average "
+        f"(1, 5, 15 min) {load}: other processes on the cores inflate the tails"
     )
     print(f"export time: {export_seconds:.2f} s")
     print(
