@@ -11,7 +11,8 @@ Exports `keras_aevb.paper_model("mnist", 20)` (or the given .keras model) with
 - p50 / p99 latency of the `serving_default` signature at batch 1 and batch 1000, called
   through the loaded signature (the C++ graph runtime behind a Python call: what TF Serving
   runs, without its gRPC/REST layer and JSON decoding);
-- the same batches through the Keras model (`model.reconstruct`, eager) for a ratio.
+- the same batches through the Keras model (`model.reconstruct`, eager) for a ratio;
+- p50 / p99 of the `score` signature at batch 1000 (L decoder passes per example).
 
 Latency does not depend on the weights' values, so an untrained model measures the same as a
 trained one of the same size. The last lines printed are the figures.
@@ -94,6 +95,11 @@ def main():
             saved = _latencies(lambda x_tensor=x_tensor: serving(x=x_tensor), repeats[size_])
             keras_eager = _latencies(lambda x=x: model.reconstruct(x), repeats[size_])
             results[size_] = (_percentiles(saved), _percentiles(keras_eager))
+        # score: L decoder passes per example (L recorded in the export).
+        score = loaded.signatures["score"]
+        x_tensor = tf.constant(batches[1000])
+        score_ms = _percentiles(_latencies(lambda: score(x=x_tensor), repeats[1000], warmup=3))
+        score_l = int(loaded.score_num_samples.numpy())
 
     print(f"model: {model.name}, {model.count_params():,} parameters, event {model.event_shape}")
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
@@ -110,6 +116,10 @@ def main():
     print(
         f"load time: first {first_load:.3f} s, later loads median "
         f"{float(np.median(later_loads)):.3f} s; load + first answer {first_answer:.3f} s"
+    )
+    print(
+        f"score batch 1000 (L = {score_l}): p50 {score_ms[0]:.1f} ms, p99 {score_ms[1]:.1f} ms "
+        f"({score_ms[0] * 1e3 / 1000:.0f} us per example)"
     )
     for size_, ((p50, p99), (k50, k99)) in results.items():
         print(
