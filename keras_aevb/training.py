@@ -455,6 +455,7 @@ def build_model(
     weight_decay=0.0,
     seed=None,
     method="aevb",
+    num_examples=None,
 ):
     """The paper's architecture (App. C) for the CLI's settings, built and not compiled.
 
@@ -464,6 +465,7 @@ def build_model(
 
     Args:
         method: "aevb", or "wake_sleep" / "mcem" (`keras_aevb.baselines`, imported here).
+        num_examples: N, for "mcem" (one HMC chain per training example).
 
     Raises:
         ValueError: a posterior/prior/estimator combination the model refuses, or a baseline
@@ -514,9 +516,15 @@ def build_model(
             num_samples=num_samples,
             weight_decay=weight_decay,
             seed=seed,
+            num_examples=num_examples,
         )
-        accepted = inspect.signature(model_class.__init__).parameters
-        kwargs = {k: v for k, v in wanted.items() if k in accepted}
+        parameters = inspect.signature(model_class.__init__).parameters
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+        kwargs = {
+            k: v
+            for k, v in wanted.items()
+            if k in parameters or (takes_any and k != "num_examples")
+        }
         model = model_class(encoder, decoder, name=f"{method}_{dataset}", **kwargs)
     model.build((None, *event_shape))
     return model
@@ -570,7 +578,8 @@ def select_learning_rate(
     Args:
         build: a function returning a fresh, built, uncompiled model.
         initial_weights: the weights every candidate starts from (`model.get_weights()`).
-        train_dataset_fn: a function returning the training `tf.data.Dataset` (repeated).
+        train_dataset_fn: a function returning the training `tf.data.Dataset` (repeated), or
+            the training array for models whose `fit` needs one (Monte Carlo EM).
         eval_x: fixed array of examples to measure the bound on.
         optimizer, candidates: optimizer name and step sizes (default
             `LEARNING_RATE_CANDIDATES[optimizer]`).
@@ -589,13 +598,24 @@ def select_learning_rate(
         keras.utils.set_random_seed(seed)  # the same noise stream for every candidate
         model = build()
         model.set_weights(initial_weights)
-        if initial_bound is None:
-            model.compile(optimizer=make_optimizer(optimizer, rate))
-            initial_bound = evaluate_bound(model, eval_x, batch_size)
         model.compile(optimizer=make_optimizer(optimizer, rate))
+        if initial_bound is None:
+            initial_bound = evaluate_bound(model, eval_x, batch_size)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            model.fit(train_dataset_fn(), steps_per_epoch=steps, epochs=1, verbose=0)
+            train_data = train_dataset_fn()
+            if isinstance(train_data, np.ndarray):  # models that take the training array
+                batches = math.ceil(len(train_data) / batch_size)
+                model.fit(
+                    train_data,
+                    batch_size=batch_size,
+                    shuffle=True,
+                    steps_per_epoch=min(steps, batches),
+                    epochs=1,
+                    verbose=0,
+                )
+            else:
+                model.fit(train_data, steps_per_epoch=steps, epochs=1, verbose=0)
         bound = evaluate_bound(model, eval_x, batch_size)
         bounds[rate] = bound if math.isfinite(bound) else None
         del model
@@ -865,11 +885,27 @@ def train(config: TrainConfig, print_fn=print) -> TrainResult:
             )
     weight_decay = 1.0 / num_train if config.weight_decay is None else float(config.weight_decay)
 
-    def training_dataset(seed):
+    # Monte Carlo EM keeps one HMC chain per training example, so its fit takes the training
+    # set as one fixed array: dynamic binarization becomes one fixed draw there.
+    array_input = config.method == "mcem"
+    train_array = (
+        _fixed_subset(train_x, train_info, num_train, config.seed) if array_input else None
+    )
+    if array_input and plan["repeat"]:
+        raise ValueError(
+            "--method mcem trains in whole passes over its training array: drop "
+            "--examples-per-epoch, and give --max-examples of at least one pass "
+            f"({num_train} examples)"
+        )
+
+    def training_dataset(seed, search=False):
+        if array_input:
+            return train_array
         dataset = data_lib.make_dataset(
             train_x, config.batch_size, pipeline_binarization, shuffle=True, seed=seed
         )
-        return dataset.repeat() if plan["repeat"] else dataset
+        # The step-size search needs a stream at least as long as its steps.
+        return dataset.repeat() if plan["repeat"] or search else dataset
 
     # ---- model: the initial weights every step-size candidate and the run start from
     def build():
@@ -886,6 +922,7 @@ def train(config: TrainConfig, print_fn=print) -> TrainResult:
             weight_decay=weight_decay,
             seed=config.seed,
             method=config.method,
+            num_examples=num_train if array_input else None,
         )
 
     keras.utils.set_random_seed(config.seed)
@@ -911,7 +948,7 @@ def train(config: TrainConfig, print_fn=print) -> TrainResult:
         learning_rate, bounds = select_learning_rate(
             build,
             initial_weights,
-            lambda: training_dataset(config.seed).repeat(),
+            lambda: training_dataset(config.seed, search=True),
             eval_x,
             optimizer=config.optimizer,
             candidates=config.lr_candidates,
@@ -946,6 +983,11 @@ def train(config: TrainConfig, print_fn=print) -> TrainResult:
         "learning_rate_search": lr_bounds,
         "binarization": binarization,
         "test_binarization": test_info["evaluation_binarization"],
+        "train_binarization": (
+            f"one fixed draw (seed {config.seed}) of the training set"
+            if array_input and binarization == "dynamic"
+            else binarization
+        ),
         "decoder": likelihood,
         "estimator": estimator,
         "hidden_units": hidden_units,
@@ -1005,8 +1047,10 @@ def train(config: TrainConfig, print_fn=print) -> TrainResult:
     with warnings.catch_warnings():
         # Grey-pixel warnings are settled by the binarization check above.
         warnings.filterwarnings("ignore", message="Grey .non-binary. values", category=UserWarning)
+        fit_kwargs = {"batch_size": config.batch_size, "shuffle": True} if array_input else {}
         model.fit(
             train_dataset,
+            **fit_kwargs,
             epochs=plan["epochs"],
             initial_epoch=initial_epoch,
             steps_per_epoch=plan["steps_per_epoch"],

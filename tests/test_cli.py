@@ -1,0 +1,479 @@
+"""Tests of the `keras-aevb` command line, in-process through `main([...])` on tiny IDX files.
+
+One run is trained once per module (`trained_run`) and reused by the commands that read it.
+Every bad-input case checks the exit status 2, a single `keras-aevb: error:` line naming the
+problem, no traceback, and (for train) that nothing in the run directory changed.
+"""
+
+import csv
+import gzip
+import importlib.metadata
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import keras
+import matplotlib.image
+import pytest
+
+import keras_aevb
+from keras_aevb import training
+from keras_aevb.cli import main
+
+TINY = ["--latent-dim", "2", "--hidden-units", "16", "--verbose", "0", "--seed", "0"]
+
+
+def train_args(run_dir, data_dir, *extra):
+    return [
+        "train",
+        "--dataset",
+        "mnist",
+        "--data-dir",
+        str(data_dir),
+        "--output",
+        str(run_dir),
+        *TINY,
+        *extra,
+    ]
+
+
+def read_rows(run_dir):
+    with open(Path(run_dir) / "history.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        return reader.fieldnames, list(reader)
+
+
+def snapshot(directory):
+    """Every file under `directory` with its bytes and modification time."""
+    return {
+        p.relative_to(directory): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(Path(directory).rglob("*"))
+        if p.is_file()
+    }
+
+
+def png_shape(path):
+    return matplotlib.image.imread(path).shape[:2]
+
+
+def expect_error(capsys, argv, *fragments):
+    """Runs main(argv); asserts exit 2 and one error line holding every fragment."""
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert "Traceback" not in err
+    message = lines[-1]
+    assert message.startswith("keras-aevb: error:") or "error:" in message, err
+    for fragment in fragments:
+        assert fragment in message, message
+    return message
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, mnist_dir):
+    """A run of 2 epochs on 300 synthetic digits (Nz=2, 16 hidden units, lr 0.1)."""
+    keras.utils.set_random_seed(0)
+    run_dir = tmp_path_factory.mktemp("runs") / "nz2"
+    code = main(train_args(run_dir, mnist_dir, "--epochs", "2", "--learning-rate", "0.1"))
+    assert code == 0
+    return run_dir
+
+
+# ------------------------------------------------------------------------------ train
+
+
+def test_console_script_is_declared():
+    scripts = importlib.metadata.entry_points(group="console_scripts")
+    assert any(s.name == "keras-aevb" and s.value == "keras_aevb.cli:main" for s in scripts)
+
+
+def test_help_exits_0(capsys):
+    assert main(["--help"]) == 0
+    assert "train" in capsys.readouterr().out
+    assert main(["train", "--help"]) == 0
+    assert "--learning-rate" in capsys.readouterr().out
+
+
+def test_train_writes_the_run_directory(trained_run):
+    for name in ("model.keras", "config.json", "history.csv", "checkpoints/state.json"):
+        assert (trained_run / name).is_file(), name
+    columns, rows = read_rows(trained_run)
+    assert columns == ["epoch", "examples_seen", "seconds", "train_elbo", "test_elbo"]
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert [int(r["examples_seen"]) for r in rows] == [300, 600]
+    # An untrained model is at -784 log 2 = -543.4 nats (every pixel at probability 1/2);
+    # six steps of Adagrad at 0.1 get far above it on these smooth strokes (about -210 when
+    # written), and the second epoch is better than the first on the same test draw.
+    test = [float(r["test_elbo"]) for r in rows]
+    assert -300 < test[1] < 0 and test[0] < test[1]
+    assert all(math.isfinite(float(r["train_elbo"])) for r in rows)
+    config = json.loads((trained_run / "config.json").read_text())
+    assert config["binarization"] == "dynamic"
+    assert config["latent_dim"] == 2 and config["hidden_units"] == [16]
+    assert config["optimizer"] == "adagrad" and config["learning_rate_used"] == 0.1
+    assert config["num_train"] == 300 and config["num_test"] == 100
+    assert config["weight_decay"] == pytest.approx(1 / 300)
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        logs = trained_run / "logs"
+        assert list((logs / "train").glob("events.out.tfevents.*"))
+        assert list((logs / "images").glob("events.out.tfevents.*"))
+
+
+def test_train_learning_rate_auto(tmp_path, mnist_dir, capsys):
+    run_dir = tmp_path / "run"
+    argv = train_args(run_dir, mnist_dir, "--max-examples", "100", "--lr-search-steps", "2")
+    assert main(argv + ["--no-tensorboard"]) == 0
+    out = capsys.readouterr().out
+    assert "learning rate auto" in out and "chose" in out
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["learning_rate"] == "auto"
+    assert config["learning_rate_used"] in (0.01, 0.02, 0.1)
+    assert set(config["learning_rate_search"]) == {"0.01", "0.02", "0.1"}
+    assert f"chose {config['learning_rate_used']:g}" in out
+    _, rows = read_rows(run_dir)
+    assert [int(r["examples_seen"]) for r in rows] == [100]  # --max-examples 100: one step
+
+
+def test_train_frey_face_gaussian(tmp_path, frey_dir):
+    run_dir = tmp_path / "frey"
+    argv = [
+        "train",
+        "--dataset",
+        "frey_face",
+        "--data-dir",
+        frey_dir,
+        "--output",
+        run_dir,
+        *TINY,
+        "--epochs",
+        "1",
+        "--batch-size",
+        "20",
+        "--learning-rate",
+        "0.02",
+        "--no-tensorboard",
+    ]
+    assert main([str(a) for a in argv]) == 0
+    config = json.loads((run_dir / "config.json").read_text())
+    assert (config["decoder"], config["binarization"]) == ("gaussian", "none")
+    assert (config["num_train"], config["num_test"]) == (60, 200)  # 260 frames, last 200 test
+    _, rows = read_rows(run_dir)
+    assert [int(r["examples_seen"]) for r in rows] == [60]
+
+
+def test_train_mirrored_strategy(tmp_path, mnist_dir):
+    argv = train_args(tmp_path / "run", mnist_dir, "--epochs", "1", "--learning-rate", "0.1")
+    assert main(argv + ["--strategy", "mirrored", "--no-tensorboard"]) == 0
+    _, rows = read_rows(tmp_path / "run")
+    assert len(rows) == 1 and math.isfinite(float(rows[0]["test_elbo"]))
+
+
+def test_train_baseline_method(tmp_path, mnist_dir, capsys):
+    argv = train_args(tmp_path / "run", mnist_dir, "--epochs", "1", "--learning-rate", "0.1")
+    argv += ["--method", "wake_sleep", "--no-tensorboard"]
+    try:
+        import keras_aevb.baselines  # noqa: F401
+    except ImportError:
+        expect_error(capsys, argv, "--method aevb")
+        return
+    assert main(argv) == 0
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["model_class"] == "WakeSleep"
+    _, rows = read_rows(tmp_path / "run")
+    assert len(rows) == 1 and math.isfinite(float(rows[0]["test_elbo"]))
+
+
+# ------------------------------------------------------------------------------ resume
+
+
+def test_rerun_resumes_and_extends(tmp_path, trained_run, mnist_dir, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run, run_dir)
+    before = read_rows(run_dir)[1]
+    argv = train_args(run_dir, mnist_dir, "--epochs", "3", "--learning-rate", "0.1")
+    assert main(argv + ["--no-tensorboard"]) == 0
+    assert "resuming" in capsys.readouterr().out
+    _, rows = read_rows(run_dir)
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert rows[:2] == before  # the first two epochs are kept as they were
+
+
+def test_failed_runs_change_nothing(tmp_path, trained_run, mnist_dir, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run, run_dir)
+    before = snapshot(run_dir)
+    # Other settings on a run directory: refused, naming the setting.
+    expect_error(
+        capsys,
+        train_args(run_dir, mnist_dir, "--epochs", "2", "--latent-dim", "3"),
+        "other settings",
+        "latent_dim",
+    )
+    # Missing data: refused before anything is written.
+    expect_error(
+        capsys,
+        train_args(run_dir, tmp_path / "nowhere", "--epochs", "2", "--learning-rate", "0.1"),
+        "not found",
+        "--data-dir",
+    )
+    # A decoder that cannot model the data.
+    expect_error(
+        capsys,
+        train_args(run_dir, mnist_dir, "--epochs", "2", "--binarization", "none"),
+        "Bernoulli decoder",
+        "--binarization dynamic",
+    )
+    assert snapshot(run_dir) == before
+
+
+def test_output_with_foreign_files_is_refused(tmp_path, mnist_dir, capsys):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "notes.txt").write_text("mine")
+    expect_error(capsys, train_args(run_dir, mnist_dir, "--epochs", "1"), "no keras-aevb run")
+    assert [p.name for p in run_dir.iterdir()] == ["notes.txt"]
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_rerun(tmp_path, mnist_dir):
+    """kill -9 after the first committed epoch, rerun: every epoch in history.csv exactly once."""
+    run_dir = tmp_path / "run"
+    epochs = 6
+    # Batches of 10: 30 steps per epoch, so the kill most likely lands inside an epoch.
+    argv = train_args(run_dir, mnist_dir, "--epochs", str(epochs), "--learning-rate", "0.1")
+    argv += ["--batch-size", "10", "--no-tensorboard"]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "keras_aevb", *argv],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    state_path = run_dir / "checkpoints" / "state.json"
+    deadline = time.monotonic() + 240
+    try:
+        while not state_path.exists():
+            if process.poll() is not None:
+                pytest.fail(f"training ended early: {process.stderr.read().decode()[-2000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail("no checkpoint within 240 s")
+            time.sleep(0.05)
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.wait(timeout=60)
+        process.stderr.close()
+    assert process.returncode == -signal.SIGKILL
+    killed_at = json.loads(state_path.read_text())["epoch"]
+    assert killed_at < epochs, "the run finished before the kill; make its epochs longer"
+    assert not (run_dir / "model.keras").exists()
+
+    assert main(argv) == 0
+    _, rows = read_rows(run_dir)
+    assert [int(r["epoch"]) for r in rows] == list(range(1, epochs + 1))
+    assert [int(r["examples_seen"]) for r in rows] == [300 * k for k in range(1, epochs + 1)]
+    assert json.loads(state_path.read_text())["epoch"] == epochs
+    assert (run_dir / "model.keras").is_file()
+
+
+# ------------------------------------------------------------------------------ bad data
+
+
+def corrupt(capsys, tmp_path, make_mnist_dir, damage, *fragments):
+    directory = make_mnist_dir()
+    damage(directory)
+    run_dir = tmp_path / "run"
+    message = expect_error(capsys, train_args(run_dir, directory, "--epochs", "1"), *fragments)
+    assert not run_dir.exists()
+    return message
+
+
+def test_missing_data_directory(capsys, tmp_path):
+    expect_error(
+        capsys, train_args(tmp_path / "run", tmp_path / "nowhere"), "not found", "--data-dir"
+    )
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_data_file(capsys, tmp_path, make_mnist_dir):
+    corrupt(
+        capsys,
+        tmp_path,
+        make_mnist_dir,
+        lambda d: (d / "train-labels-idx1-ubyte.gz").unlink(),
+        "train-labels-idx1-ubyte",
+        "--data-dir",
+    )
+
+
+def test_truncated_gzip(capsys, tmp_path, make_mnist_dir):
+    def truncate(directory):
+        path = directory / "train-images-idx3-ubyte.gz"
+        path.write_bytes(path.read_bytes()[:500])
+
+    corrupt(capsys, tmp_path, make_mnist_dir, truncate, "truncated", "download it again")
+
+
+def test_wrong_idx_magic(capsys, tmp_path, make_mnist_dir):
+    def wrong_magic(directory):
+        path = directory / "train-images-idx3-ubyte.gz"
+        raw = bytearray(gzip.decompress(path.read_bytes()))
+        raw[2] = 0x0D  # type code of float32 instead of unsigned byte
+        path.write_bytes(gzip.compress(bytes(raw)))
+
+    corrupt(capsys, tmp_path, make_mnist_dir, wrong_magic, "wrong IDX magic number")
+
+
+def test_image_label_count_mismatch(capsys, tmp_path, make_mnist_dir):
+    def mismatch(directory):
+        other = make_mnist_dir("other", n_train=299)
+        shutil.copy(other / "train-labels-idx1-ubyte.gz", directory)
+
+    corrupt(capsys, tmp_path, make_mnist_dir, mismatch, "300 images but 299 labels")
+
+
+def test_unknown_dataset(capsys, tmp_path, trained_run):
+    # train: argparse's own check (exit 2, usage line).
+    assert main(["train", "--dataset", "cifar10", "--output", str(tmp_path / "run")]) == 2
+    assert "invalid choice: 'cifar10'" in capsys.readouterr().err
+    # evaluate takes any name and refuses it itself.
+    expect_error(
+        capsys, ["evaluate", trained_run / "model.keras", "--dataset", "cifar10"], "cifar10"
+    )
+
+
+@pytest.mark.parametrize(
+    "extra, fragments",
+    [
+        (["--dataset", "frey_face", "--binarization", "static"], ["Gaussian decoder", "none"]),
+        (["--dataset", "mnist", "--decoder", "gaussian"], ["Gaussian decoder", "none"]),
+        (["--dataset", "mnist", "--binarization", "none"], ["Bernoulli decoder", "dynamic"]),
+    ],
+)
+def test_decoder_and_binarization_must_agree(capsys, tmp_path, mnist_dir, extra, fragments):
+    argv = ["train", "--output", tmp_path / "run", "--data-dir", mnist_dir, *extra]
+    expect_error(capsys, argv, *fragments)
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_model_file(capsys, tmp_path):
+    for command in (["sample", "--out", tmp_path / "s.png"], ["evaluate"]):
+        expect_error(
+            capsys, [command[0], tmp_path / "none.keras", *command[1:]], "model file not found"
+        )
+
+
+# ------------------------------------------------------------------------------ the other commands
+
+
+def test_evaluate_prints_one_json_line(capsys, trained_run):
+    capsys.readouterr()
+    assert main(["evaluate", str(trained_run / "model.keras"), "--num-samples", "20"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1
+    result = json.loads(lines[0])
+    assert set(result) >= {"elbo", "log_likelihood", "num_examples", "binarization", "split"}
+    assert result["num_examples"] == 100 and result["split"] == "test"
+    assert result["binarization"].startswith("dynamic")
+    # The same fixed test draw as history.csv's last test bound; both are L=1 Monte Carlo
+    # estimates over 100 examples, whose difference has a std near 0.5 nats: 3 nats is 6 std.
+    _, rows = read_rows(trained_run)
+    assert result["elbo"] == pytest.approx(float(rows[-1]["test_elbo"]), abs=3.0)
+    # The importance-sampled estimate with K=20 is a tighter bound than the ELBO (Burda et
+    # al.): above it up to the Monte Carlo noise of both (< 1 nat here).
+    assert result["log_likelihood"] > result["elbo"] - 1.0
+
+
+def test_evaluate_bound_only_and_train_split(capsys, trained_run):
+    argv = ["evaluate", str(trained_run / "model.keras"), "--split", "train"]
+    assert main(argv + ["--max-examples", "50", "--binarization", "threshold"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["log_likelihood"] is None
+    assert (result["num_examples"], result["split"], result["binarization"]) == (
+        50,
+        "train",
+        "threshold",
+    )
+
+
+def test_sample_png(tmp_path, trained_run, capsys):
+    out = tmp_path / "samples.png"
+    assert main(["sample", str(trained_run / "model.keras"), "--num", "16", "--out", str(out)]) == 0
+    assert png_shape(out) == (4 * 28 + 3 * 2, 4 * 28 + 3 * 2)  # 4 x 4 digits, 2-pixel gaps
+    assert capsys.readouterr().out.strip() == str(out)
+
+
+def test_reconstruct_png(tmp_path, trained_run):
+    out = tmp_path / "recon.png"
+    argv = ["reconstruct", str(trained_run / "model.keras"), "--num", "6", "--cols", "3"]
+    assert main(argv + ["--out", str(out), "--scale", "2"]) == 0
+    # Two blocks of (data row, reconstruction row) x 3 columns, upscaled x2.
+    assert png_shape(out) == (2 * (4 * 28 + 3 * 2), 2 * (3 * 28 + 2 * 2))
+
+
+def test_manifold_png(tmp_path, trained_run):
+    out = tmp_path / "manifold.png"
+    assert (
+        main(["manifold", str(trained_run / "model.keras"), "--grid", "5", "--out", str(out)]) == 0
+    )
+    assert png_shape(out) == (5 * 28, 5 * 28)
+
+
+def test_manifold_refuses_latent_dim_3(tmp_path, capsys):
+    model = training.build_model("mnist", (28, 28), 3, hidden_units=(4,))
+    model.save(tmp_path / "model.keras")
+    expect_error(
+        capsys,
+        ["manifold", tmp_path / "model.keras", "--out", tmp_path / "m.png"],
+        "latent_dim=3",
+        "--latent-dim 2",
+    )
+    assert not (tmp_path / "m.png").exists()
+
+
+def test_output_directory_must_exist(tmp_path, trained_run, capsys):
+    out = tmp_path / "missing" / "s.png"
+    expect_error(capsys, ["sample", trained_run / "model.keras", "--out", out], "does not exist")
+
+
+def test_plot_png(tmp_path, trained_run, capsys):
+    second = tmp_path / "second"
+    shutil.copytree(trained_run, second)
+    config = json.loads((second / "config.json").read_text())
+    (second / "config.json").write_text(json.dumps(dict(config, latent_dim=5)))
+    out = tmp_path / "bound.png"
+    assert main(["plot", str(trained_run), str(second), "--out", str(out)]) == 0
+    assert png_shape(out) == (420, 600)
+    expect_error(capsys, ["plot", tmp_path / "nowhere", "--out", out], "run directory not found")
+
+
+def test_export_next_version(tmp_path, trained_run, capsys):
+    pytest.importorskip("keras_aevb.export")
+    base = tmp_path / "saved_models" / "mnist_vae"
+    (base / "1").mkdir(parents=True)
+    (base / "1" / "saved_model.pb").write_bytes(b"")  # an earlier version, never overwritten
+    capsys.readouterr()
+    assert main(["export", str(trained_run / "model.keras"), str(base)]) == 0
+    assert capsys.readouterr().out.strip() == str(base / "2")
+    assert (base / "2" / "saved_model.pb").is_file()
+    expect_error(
+        capsys,
+        ["export", trained_run / "model.keras", base, "--version", "1"],
+        "never overwritten",
+    )
+
+
+def test_python_dash_m_module_exists():
+    spec = __import__("importlib").util.find_spec("keras_aevb.__main__")
+    assert spec is not None and keras_aevb.cli.main is main
