@@ -30,7 +30,8 @@ clients. For one example it is exactly `model.elbo(x[None], num_samples=L, seed=
 Inputs are checked inside the graph, so a server refuses bad requests with INVALID_ARGUMENT:
 NaN or inf anywhere ("x holds NaN or inf"), values outside [0, 1] for a Bernoulli model
 ("x must lie in [0, 1] for a Bernoulli model"), a shape other than the signature's
-(`EnsureShape`, for clients that bypass the signature's own check), num_samples < 0.
+(`EnsureShape`: neither a function loaded with `tf.saved_model.load` nor a C++ server checks the
+signature's shape by itself), num_samples < 0.
 
 Reference: Kingma & Welling, Auto-Encoding Variational Bayes, arXiv:1312.6114.
 """
@@ -184,8 +185,9 @@ class AEVBServingModule(tf.Module):
     def _checked_x(self, x):
         """x with its checks attached: shape, finiteness, and [0, 1] for a Bernoulli model."""
         model = self._model
-        # The signature refuses other shapes in Python clients; EnsureShape also refuses them at
-        # run time, where a C++ server feeds the graph directly.
+        # A loaded signature function, like a C++ server, feeds any shape of the right dtype to
+        # the graph (only TF1 sessions, e.g. saved_model_cli, check it): EnsureShape refuses
+        # other shapes at run time, where a [n, 784] batch would otherwise be reshaped silently.
         x = tf.ensure_shape(x, [None, *model.event_shape])
         x = tf.debugging.assert_all_finite(x, "x holds NaN or inf")
         if model.decoder.likelihood == "bernoulli":
