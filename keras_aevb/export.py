@@ -190,7 +190,7 @@ class AEVBServingModule(tf.Module):
         # other shapes at run time, where a [n, 784] batch would otherwise be reshaped silently.
         x = tf.ensure_shape(x, [None, *model.event_shape])
         x = tf.debugging.assert_all_finite(x, "x holds NaN or inf")
-        if model.decoder.likelihood == "bernoulli":
+        if getattr(model.decoder, "likelihood", None) == "bernoulli":
             in_range = tf.reduce_all((x >= 0.0) & (x <= 1.0))
             check = tf.debugging.Assert(
                 in_range,
