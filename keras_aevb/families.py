@@ -545,14 +545,15 @@ def posterior_families():
 
     Returns:
         A `FamilyTable` (a list of dicts with keys name, support, parameters,
-        reparameterization, analytic_kl_priors, priors, description) that prints as a table.
+        reparameterization, analytic_kl_priors, priors (the named priors `AEVB` accepts for
+        the family), description) that prints as a table.
 
     Example:
     >>> print(posterior_families())  # doctest: +SKIP
     """
     # Imported here: prior.py imports this module.
     from keras_aevb.estimator import has_analytic_kl
-    from keras_aevb.prior import PRIOR_ALIASES, PRIORS, make_prior
+    from keras_aevb.prior import PRIOR_ALIASES, PRIOR_NEEDS, PRIORS, make_prior
 
     priors = {
         name: (make_prior(name, 1), support)
@@ -562,24 +563,23 @@ def posterior_families():
     rows = FamilyTable()
     for family in FAMILIES.values():
         posterior = family.distribution(reference_params(family))
+        # The priors AEVB accepts for this posterior: support inside, tails no lighter.
+        accepted = [
+            name
+            for name, (_, support) in priors.items()
+            if support_contains(support, family.support)
+            and PRIOR_NEEDS[name] in (None, *family.finite_expectations)
+        ]
         rows.append(
             {
                 "name": family.name,
                 "support": family.support,
                 "parameters": list(family.param_names),
                 "reparameterization": family.reparameterization,
-                # Only priors whose support holds the posterior's: elsewhere the KL is infinite.
                 "analytic_kl_priors": [
-                    name
-                    for name, (prior, support) in priors.items()
-                    if support_contains(support, family.support)
-                    and has_analytic_kl(posterior, prior)
+                    name for name in accepted if has_analytic_kl(posterior, priors[name][0])
                 ],
-                "priors": [
-                    name
-                    for name, (_, support) in priors.items()
-                    if support_contains(support, family.support)
-                ],
+                "priors": accepted,
                 "description": family.description,
             }
         )

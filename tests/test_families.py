@@ -390,6 +390,10 @@ def test_pairings_outside_the_support_or_with_infinite_kl_are_refused():
     for posterior, prior, outcome in refused:
         with pytest.raises(ValueError, match=messages[outcome]):
             _tiny(posterior, prior)
+    # The table's "priors" column is exactly the accepted named priors.
+    accepted = {(q, p) for q, p, outcome in _pairings() if outcome == "finite"}
+    listed = {(name, p) for name, row in TABLE.items() for p in row["priors"]}
+    assert listed == {(q, p) for q, p in accepted if p not in PRIOR_ALIASES}
 
 
 @pytest.mark.slow
