@@ -41,6 +41,8 @@ setup(
             "nbclient>=0.10",
             "nbformat>=5.9",
             "ipykernel>=6.29",
+            # The gRPC PredictRequest test; 2.21 installs beside TensorFlow 2.21 unchanged.
+            "tensorflow-serving-api>=2.16,<2.22",
         ],
     },
     entry_points={"console_scripts": ["keras-aevb=keras_aevb.cli:main"]},
