@@ -14,6 +14,12 @@ from keras_aevb.prior import check_support, make_prior, sample_prior
 
 METRIC_NAMES = ("loss", "elbo", "reconstruction_log_likelihood", "kl")
 
+# Training steps per `tf.function` call when `compile` is not told. More is faster (see
+# `AEVB.compile` and benchmarks/BENCHMARKS.md), but Keras runs whole executions, so a larger
+# default would make `fit(steps_per_epoch=k)` train more than k steps whenever k is not a
+# multiple of it; it can rise once `fit` clamps it to the step counts it is given.
+DEFAULT_STEPS_PER_EXECUTION = 1
+
 
 @keras.saving.register_keras_serializable(package="keras_aevb")
 class AEVB(keras.Model):
@@ -172,6 +178,7 @@ class AEVB(keras.Model):
         return sgvb_terms(log_px_given_z, posterior, self.prior_distribution, z, self.estimator)
 
     def _weight_penalty(self):
+        """weight_decay / 2 * ||theta||^2, the paper's log p(theta) per datapoint (negated)."""
         if not self.weight_decay:
             return 0.0
         squares = [ops.sum(ops.square(v)) for v in self.trainable_variables]
@@ -179,20 +186,31 @@ class AEVB(keras.Model):
 
     def train_step(self, data):
         x, sample_weight = _unpack(data)
+        # Under tf.distribute the replicas' gradients are summed: scale each replica's mean.
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
         with tf.GradientTape() as tape:
             terms = self._terms(x, training=True)
-            objective = -_weighted_mean(terms["elbo"], sample_weight) + self._weight_penalty()
-            # Under tf.distribute the replicas' gradients are summed: scale each replica's mean.
-            objective = objective / tf.distribute.get_strategy().num_replicas_in_sync
+            objective = -_weighted_mean(terms["elbo"], sample_weight) / replicas
             scaled = self.optimizer.scale_loss(objective)
-        gradients = tape.gradient(scaled, self.trainable_variables)
-        self.optimizer.apply(gradients, self.trainable_variables)
-        return self._update_metrics(terms, sample_weight)
+        variables = self.trainable_variables
+        gradients = tape.gradient(scaled, variables)
+        if self.weight_decay:
+            # The gradient of weight_decay / 2 * ||theta||^2 is weight_decay * theta: added in
+            # closed form rather than through the tape, which spent 4-5 extra passes over all
+            # 816k weights per step (about a third of a paper-model step at M = 100; see
+            # benchmarks/BENCHMARKS.md). scale_loss is a multiplication (1 or the loss scale).
+            factor = self.optimizer.scale_loss(self.weight_decay / replicas)
+            gradients = [
+                ops.multiply(ops.cast(factor, v.dtype), v) + (0.0 if g is None else g)
+                for g, v in zip(gradients, variables, strict=True)
+            ]
+        self.optimizer.apply(gradients, variables)
+        return _reducible_logs(self._update_metrics(terms, sample_weight))
 
     def test_step(self, data):
         x, sample_weight = _unpack(data)
         terms = self._terms(x, training=False)
-        return self._update_metrics(terms, sample_weight)
+        return _reducible_logs(self._update_metrics(terms, sample_weight))
 
     def predict_step(self, data):
         x, _ = _unpack(data)
@@ -207,6 +225,68 @@ class AEVB(keras.Model):
     @property
     def metrics(self):
         return list(self.trackers.values())
+
+    # ---------------------------------------------------------------- compiling
+
+    def compile(
+        self,
+        optimizer="rmsprop",
+        loss=None,
+        loss_weights=None,
+        metrics=None,
+        weighted_metrics=None,
+        run_eagerly=False,
+        steps_per_execution=None,
+        jit_compile="auto",
+        **kwargs,
+    ):
+        """`keras.Model.compile` with defaults chosen by measurement for this model.
+
+        - `steps_per_execution`: `DEFAULT_STEPS_PER_EXECUTION` (1 when `run_eagerly`). Each
+          call of Keras's step function costs a fixed 1-2 ms of Python and dispatch on the
+          2-core CPUs measured (benchmarks/BENCHMARKS.md), a large share of a paper-model step
+          of a few ms; `steps_per_execution=100` amortizes it. Keras then runs whole
+          executions: `fit(steps_per_epoch=k)` trains k rounded up to a multiple of it, and
+          batch-level callbacks see every `steps_per_execution`-th batch.
+        - `jit_compile="auto"`: Keras's rule, which is what was measured to be fastest on CPU
+          (XLA off: whole-step XLA was slower than TensorFlow's oneDNN kernels here) and turns
+          XLA on for GPUs.
+
+        Any value the caller passes is used as given. Under a `tf.distribute` strategy with
+        several replicas the default is 1: Keras 3 fails on `steps_per_execution > 1` with
+        `MirroredStrategy` (keras-team/keras#19246, "You must feed a value for placeholder").
+        """
+        strategy = self.distribute_strategy
+        replicas = strategy.num_replicas_in_sync
+        if steps_per_execution is None:
+            steps_per_execution = 1 if run_eagerly or replicas > 1 else DEFAULT_STEPS_PER_EXECUTION
+        elif steps_per_execution > 1 and replicas > 1:
+            warnings.warn(
+                f"steps_per_execution={steps_per_execution} with {replicas} replicas: Keras 3 "
+                "fails on this with MirroredStrategy (keras-team/keras#19246); pass "
+                "steps_per_execution=1 if fit raises 'You must feed a value for placeholder'.",
+                UserWarning,
+                stacklevel=2,
+            )
+        super().compile(
+            optimizer=optimizer,
+            loss=loss,
+            loss_weights=loss_weights,
+            metrics=metrics,
+            weighted_metrics=weighted_metrics,
+            run_eagerly=run_eagerly,
+            steps_per_execution=steps_per_execution,
+            jit_compile=jit_compile,
+            **kwargs,
+        )
+
+    def compile_from_config(self, config):
+        """Recompiles a loaded model (Keras skips models whose `compile` is overridden)."""
+        config = keras.saving.deserialize_keras_object(config)
+        self.compile(**config)
+        if hasattr(self, "optimizer") and self.built:
+            # Creates the optimizer's variables so its saved state can be loaded into them.
+            self.optimizer.build(self.trainable_variables)
 
     # ---------------------------------------------------------------- input checks
 
@@ -332,6 +412,25 @@ def _reference_params(param_names, latent_dim):
 
 def _prior_name(prior):
     return prior if isinstance(prior, str) else type(prior).__name__
+
+
+def _reducible_logs(logs):
+    """Gives the step's metric values a leading axis of 1 under multi-worker training.
+
+    Keras 3 reduces the logs of every step under `MultiWorkerMirroredStrategy` with
+    `strategy.reduce("MEAN", value, axis=0)`, which fails on scalars ("Invalid reduction
+    dimension 0 for input with 0 dimensions", tensorflow/tensorflow#72388); with shape [1] it
+    returns the scalar mean over workers. Elsewhere the logs are returned as they are.
+    """
+    strategy = tf.distribute.get_strategy()
+    in_multi_worker_mode = getattr(strategy.extended, "_in_multi_worker_mode", None)
+    if not (
+        isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+        and in_multi_worker_mode is not None
+        and in_multi_worker_mode()
+    ):
+        return logs
+    return {name: ops.reshape(value, (1,)) for name, value in logs.items()}
 
 
 def _unpack(data):

@@ -1,0 +1,137 @@
+"""Importance-sampled log-likelihood throughput (K = 5000) as a fraction of the matmul roofline.
+
+`keras_aevb.marginal_likelihood.log_likelihood(model, x, num_samples=K)` on the paper's MNIST
+model (784-500-20, Bernoulli decoder). Each of the K samples of each example costs one decoder
+pass, 2 * (20 * 500 + 500 * 784) = 0.804 MFLOP; the encoder runs once per example (0.82 MFLOP,
+spread over K samples) and the log-densities of q and p(z) are 20-dimensional. The roofline is
+`peak / FLOPs per (example, sample)` with the float32 matmul peak measured in the same process
+just before and after each measurement (`_roofline.py`); configurations are interleaved and
+repeated, and medians printed.
+
+Configurations:
+  default              `log_likelihood(model, x, num_samples=5000)`: chunks sized by the library.
+  chunk=C              the same with `chunk_size=C` samples per compiled call.
+  proposed             (with --proposed) the Bernoulli log-likelihood in closed form (the change
+                       proposed for `BernoulliDecoder.log_likelihood`, see train_throughput.py).
+
+    python benchmarks/eval_throughput.py             # about 2 minutes on 2 cores
+    python benchmarks/eval_throughput.py --proposed
+
+The last lines printed are the ratios.
+"""
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _roofline  # noqa: E402
+import numpy as np  # noqa: E402
+
+LATENT_DIM, HIDDEN, DATA_DIM = 20, 500, 784
+FLOPS_PER_SAMPLE = 2 * (LATENT_DIM * HIDDEN + HIDDEN * DATA_DIM)
+ENCODER_FLOPS = 2 * (DATA_DIM * HIDDEN + HIDDEN * 2 * LATENT_DIM)
+
+
+def flops_per_example_sample(num_samples):
+    """Decoder pass per sample plus the encoder pass shared by the example's K samples."""
+    return FLOPS_PER_SAMPLE + ENCODER_FLOPS / num_samples
+
+
+def make_config(x, num_samples, chunk_size=None, proposed=False):
+    import train_throughput
+
+    import keras_aevb
+    from keras_aevb.marginal_likelihood import log_likelihood
+
+    model = keras_aevb.paper_model("mnist", latent_dim=LATENT_DIM, seed=0)
+
+    def estimate():
+        if proposed:
+            train_throughput.install_proposed()
+            # The traced step is cached on the model: a fresh model traces with the patch.
+        try:
+            return log_likelihood(model, x, num_samples=num_samples, seed=0, chunk_size=chunk_size)
+        finally:
+            if proposed:
+                train_throughput.uninstall_proposed()
+
+    estimate()  # traces the chunk step (and the partial last chunk)
+
+    def measure():
+        start = time.perf_counter()
+        estimate()
+        return len(x) * num_samples / (time.perf_counter() - start)
+
+    return measure, estimate
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--examples", type=int, default=20)
+    parser.add_argument("--num-samples", type=int, default=5000, help="K")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--chunks", default="64,512", help="extra chunk sizes to compare")
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--proposed", action="store_true")
+    args = parser.parse_args(argv)
+
+    import keras
+    import tensorflow as tf
+
+    import keras_aevb
+    from keras_aevb import data
+
+    try:
+        images, _ = data.load_mnist(args.data_dir or data.default_data_dir(), split="test")
+        source = "MNIST test images, static binarization (seed 0)"
+    except Exception:  # noqa: BLE001 - any missing-data error: synthetic data, same speed
+        images = np.random.default_rng(0).random((args.examples, 28, 28), dtype=np.float32)
+        source = "random images, static binarization (MNIST not found)"
+    x = data.binarize(images[: args.examples], "static", seed=0)
+    k = args.num_samples
+    flops = flops_per_example_sample(k)
+    print(f"machine: {_roofline.describe_machine()}")
+    print(
+        f"tensorflow {tf.__version__}, keras {keras.__version__}, keras_aevb "
+        f"{keras_aevb.__version__}; data: {source}; {len(x)} examples x K = {k} samples per "
+        f"measurement, {args.repeats} repeats"
+    )
+    print(f"FLOPs per (example, sample): {flops / 1e6:.3f} M (decoder 784-500-20 + encoder / K)")
+
+    configs = {}
+    configs["default"], estimate = make_config(x, k)
+    for chunk in [int(c) for c in args.chunks.split(",") if c]:
+        configs[f"chunk={chunk}"], _ = make_config(x, k, chunk_size=chunk)
+    if args.proposed:
+        configs["proposed"], proposed_estimate = make_config(x, k, proposed=True)
+        difference = np.max(np.abs(proposed_estimate() - estimate()))
+        print(f"proposed vs default, same seed: max |difference| {difference:.2e} nats")
+
+    results = _roofline.interleaved(configs, args.repeats)
+    peaks = np.asarray(results["peak"]) / 1e9
+    print(
+        f"matmul peak (float32, 1024^3, TensorFlow): median {np.median(peaks):.0f} GFLOP/s, "
+        f"range {peaks.min():.0f}-{peaks.max():.0f} over {len(peaks)} measurements"
+    )
+    print()
+    print(f"{'config':12s} {'ex*samples/s':>13s} {'roofline':>10s} {'fraction':>9s}  (min-max)")
+    summaries = {}
+    for name in configs:
+        s = _roofline.ratio_summary(results[name], flops)
+        summaries[name] = s
+        print(
+            f"{name:12s} {s['rate']:13.0f} {s['roofline_rate']:10.0f} {s['fraction']:9.3f}"
+            f"  ({s['fraction_min']:.2f}-{s['fraction_max']:.2f})"
+        )
+    print()
+    print("ratios (examples*samples/s over the matmul roofline measured alongside; medians):")
+    for name, s in summaries.items():
+        print(f"  IS log-likelihood K={k} {name}: {s['fraction']:.3f}")
+    return summaries
+
+
+if __name__ == "__main__":
+    main()
