@@ -224,6 +224,13 @@ def _elbo(model, x, batch_size, seed):
 
 
 def cmd_evaluate(args):
+    """Prints one JSON line about the model on a data split.
+
+    Fields: `elbo` (the SGVB bound with the model's L, nats per datapoint), `log_likelihood`
+    (importance-sampled with K = --num-samples, or App. D's HMC estimator with --method hmc;
+    null for K = 0), `num_examples`, `binarization` (the method), `evaluated_on` (for dynamic:
+    which fixed draw), `split`, `dataset`, and with K > 0 `method` and `num_samples`.
+    """
     model = load_model(args.model)
     run_config = _run_config(args.model)
     dataset, data_dir, binarization, seed = _data_settings(args, run_config, model)
@@ -235,7 +242,8 @@ def cmd_evaluate(args):
         "elbo": _elbo(model, x, args.batch_size, seed),
         "log_likelihood": None,
         "num_examples": int(len(x)),
-        "binarization": info["evaluation_binarization"],
+        "binarization": binarization,
+        "evaluated_on": info["evaluation_binarization"],
         "split": args.split,
         "dataset": dataset,
     }

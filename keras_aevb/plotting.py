@@ -99,41 +99,48 @@ def image_grid(images, rows=None, cols=None, pad=2, pad_value=1.0, image_shape=N
 
 
 def save_png(path, image, scale=1):
-    """Writes a grey image in [0, 1] as a PNG of exactly its size (times `scale`), atomically.
+    """Writes a grey image in [0, 1] as an 8-bit greyscale PNG of exactly its size, atomically.
 
     The file appears complete or not at all (written to a temporary file, then renamed), so a
     failed call leaves an earlier picture at `path` intact.
 
     Args:
         path: the output file.
-        image: `[height, width]` grey values in [0, 1].
+        image: `[height, width]` grey values in [0, 1] (clipped), stored as round(255 * value).
         scale: integer upscaling by pixel repetition (nearest neighbour).
 
     Returns:
         The path written, as a string.
     """
-    plt = _matplotlib()
+    from PIL import Image  # Pillow: a dependency of matplotlib (uint8 [h, w] -> mode "L")
+
     image = np.asarray(image, dtype=np.float32)
     if image.ndim != 2:
         raise ValueError(f"save_png needs a 2-D grey image, got shape {list(image.shape)}.")
     if scale > 1:
         image = np.kron(image, np.ones((scale, scale), np.float32))
     path = Path(path)
-    if path.parent and not path.parent.is_dir():
+    if not path.parent.is_dir():
         raise FileNotFoundError(f"output directory {path.parent} does not exist; create it first")
-    _atomic_write(
-        path, lambda f: plt.imsave(f, image, cmap="gray", vmin=0.0, vmax=1.0, format="png")
-    )
+    pixels = np.round(np.clip(image, 0.0, 1.0) * 255).astype(np.uint8)
+    _atomic_write(path, lambda f: Image.fromarray(pixels).save(f, format="PNG"))
     return str(path)
 
 
 def _atomic_write(path, write):
-    """Calls write(file object) on a temporary file next to `path`, then renames it to `path`."""
+    """Calls write(file object) on a temporary file next to `path`, then renames it to `path`.
+
+    The file gets the permissions a plain open() would give it (0666 less the umask), not
+    mkstemp's 0600.
+    """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -256,6 +263,12 @@ def _run_label(run_dir, config, all_configs):
     return ", ".join(parts)
 
 
+def _examples_label(value, _position=None):
+    """2e5, 1e6, ...: short labels for a log axis of example counts."""
+    mantissa, exponent = f"{value:.0e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
 def plot_bound(run_dirs, out, title=None):
     """Draws Fig. 2: the lower bound against the number of training examples seen (log x).
 
@@ -292,6 +305,11 @@ def plot_bound(run_dirs, out, title=None):
             ax.plot(x, history["test_elbo"], "-", color=color, marker=".", label=f"{label} test")
             ax.plot(x, history["train_elbo"], "--", color=color, label=f"{label} train")
         ax.set_xscale("log")
+        # Labelled ticks at 1, 2 and 5 times powers of ten; Matplotlib's labelled minor ticks
+        # at every multiple overlap over ranges of one or two decades.
+        ax.xaxis.set_major_locator(plt.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(plt.FuncFormatter(_examples_label))
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())
         ax.set_xlabel("# training examples evaluated")
         ax.set_ylabel("lower bound L (nats per datapoint)")
         if title is None:

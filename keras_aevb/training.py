@@ -188,6 +188,9 @@ def _atomic_write_bytes(path, payload: bytes):
             f.write(payload)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)  # give the file open()'s permissions, not mkstemp's 0600
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -592,6 +595,46 @@ def select_learning_rate(
         ValueError: every candidate diverged.
     """
     candidates = tuple(candidates or LEARNING_RATE_CANDIDATES[optimizer])
+    # Each candidate is a new model, so TensorFlow traces its functions anew and warns about
+    # "excessive retracing" from the third on: expected here, so its logger is quieted.
+    tf_logger = tf.get_logger()
+    level = tf_logger.level
+    tf_logger.setLevel("ERROR")
+    try:
+        bounds, initial_bound = _compare_rates(
+            build,
+            initial_weights,
+            train_dataset_fn,
+            eval_x,
+            optimizer,
+            candidates,
+            steps,
+            seed,
+            batch_size,
+        )
+    finally:
+        tf_logger.setLevel(level)
+    accepted = {r: b for r, b in bounds.items() if b is not None and b > initial_bound}
+    report = ", ".join(
+        f"{r:g}: {'diverged' if r not in accepted else f'{b:.2f}'}" for r, b in bounds.items()
+    )
+    if not accepted:
+        raise ValueError(
+            f"every learning rate diverged in the first {steps} steps ({report}; bound at "
+            f"initialization {initial_bound:.2f}); pass a smaller --learning-rate"
+        )
+    best = max(accepted, key=accepted.get)
+    print_fn(
+        f"keras-aevb: learning rate auto: bound after {steps} steps {{{report}}} "
+        f"(at initialization {initial_bound:.2f}); chose {best:g}"
+    )
+    return best, bounds
+
+
+def _compare_rates(
+    build, initial_weights, train_dataset_fn, eval_x, optimizer, candidates, steps, seed, batch_size
+):
+    """The bound at initialization and after `steps` steps of each candidate (NaN: None)."""
     bounds = {}
     initial_bound = None
     for rate in candidates:
@@ -619,21 +662,7 @@ def select_learning_rate(
         bound = evaluate_bound(model, eval_x, batch_size)
         bounds[rate] = bound if math.isfinite(bound) else None
         del model
-    accepted = {r: b for r, b in bounds.items() if b is not None and b > initial_bound}
-    report = ", ".join(
-        f"{r:g}: {'diverged' if r not in accepted else f'{b:.2f}'}" for r, b in bounds.items()
-    )
-    if not accepted:
-        raise ValueError(
-            f"every learning rate diverged in the first {steps} steps ({report}; bound at "
-            f"initialization {initial_bound:.2f}); pass a smaller --learning-rate"
-        )
-    best = max(accepted, key=accepted.get)
-    print_fn(
-        f"keras-aevb: learning rate auto: bound after {steps} steps {{{report}}} "
-        f"(at initialization {initial_bound:.2f}); chose {best:g}"
-    )
-    return best, bounds
+    return bounds, initial_bound
 
 
 # -------------------------------------------------------------------------- callbacks

@@ -385,7 +385,8 @@ def test_evaluate_prints_one_json_line(capsys, trained_run):
     result = json.loads(lines[0])
     assert set(result) >= {"elbo", "log_likelihood", "num_examples", "binarization", "split"}
     assert result["num_examples"] == 100 and result["split"] == "test"
-    assert result["binarization"].startswith("dynamic")
+    assert result["binarization"] == "dynamic"
+    assert result["evaluated_on"].startswith("dynamic (evaluated on one fixed Bernoulli draw")
     # The same fixed test draw as history.csv's last test bound; both are L=1 Monte Carlo
     # estimates over 100 examples, whose difference has a std near 0.5 nats: 3 nats is 6 std.
     _, rows = read_rows(trained_run)

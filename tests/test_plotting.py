@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 
 import keras
 import matplotlib.image
@@ -12,6 +13,12 @@ import scipy.stats
 import keras_aevb
 from keras_aevb import plotting
 from keras_aevb.training import build_model
+
+
+def current_umask():
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def tiny_model(latent_dim=2, prior="standard_normal"):
@@ -52,10 +59,11 @@ def test_save_png_round_trip_and_scale(tmp_path):
     image = np.linspace(0, 1, 12, dtype=np.float32).reshape(3, 4)
     path = plotting.save_png(tmp_path / "x.png", image, scale=2)
     decoded = matplotlib.image.imread(path)
-    assert decoded.shape[:2] == (6, 8)
-    # The grey colormap's 256-entry lookup table, then 8 bits: within one grey level (1 / 255).
-    np.testing.assert_allclose(decoded[::2, ::2, 0], image, atol=1 / 255 + 1e-6)
+    assert decoded.shape == (6, 8)  # one grey channel
+    # 8 bits: round(255 * value) / 255 is within half a grey level of the value.
+    np.testing.assert_allclose(decoded[::2, ::2], image, atol=0.5 / 255 + 1e-6)
     np.testing.assert_array_equal(decoded[::2, ::2], decoded[1::2, 1::2])  # pixel repetition
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~current_umask()
     assert not list(tmp_path.glob(".*tmp"))  # the temporary file was renamed away
     with pytest.raises(FileNotFoundError, match="does not exist"):
         plotting.save_png(tmp_path / "missing" / "x.png", image)

@@ -108,16 +108,6 @@ def test_build_model_frey_face_defaults():
     assert [layer.units for layer in model.encoder.hidden_layers] == [200]
 
 
-def test_baseline_method_without_module_is_a_clear_error(monkeypatch):
-    try:
-        import keras_aevb.baselines  # noqa: F401
-    except ImportError:
-        with pytest.raises(ValueError, match="--method aevb"):
-            training.build_model("mnist", (28, 28), 2, hidden_units=(8,), method="wake_sleep")
-    else:
-        pytest.skip("keras_aevb.baselines is installed; the CLI test trains with it")
-
-
 # ------------------------------------------------------------------------------ step size
 
 
