@@ -79,6 +79,7 @@ def log_likelihood(model, x, num_samples=5000, batch_size=None, seed=None, chunk
     Kingma & Welling, arXiv:1312.6114, section 2.3.
     """
     num_samples = _positive_int(num_samples, "num_samples")
+    _check_data(model, x)
     rng = np.random.default_rng(seed)
     event_size = math.prod(model.event_shape)
     step = _log_weight_chunk_fn(model)
@@ -211,6 +212,7 @@ def hmc_log_likelihood(
             UserWarning,
             stacklevel=2,
         )
+    _check_data(model, x)
     rng = np.random.default_rng(seed)
     draws_per_chain = -(-num_samples // num_chains)
     run = _hmc_estimate_fn(
@@ -316,6 +318,14 @@ def _hmc_estimate_fn(
 
 
 # ------------------------------------------------------------------------- input handling
+
+
+def _check_data(model, x):
+    """The model's own data check (as in fit/evaluate): refuses values its likelihood cannot
+    score, warns once about grey values fed to a Bernoulli decoder (not a likelihood then)."""
+    check = getattr(model, "_check_data", None)
+    if check is not None:
+        check(x)
 
 
 def _positive_int(value, name):

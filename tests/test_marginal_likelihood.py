@@ -174,3 +174,11 @@ def test_k_equal_one_is_the_bound_in_expectation(trained):
     # error is ~50x smaller).
     se = single.std(ddof=1) / np.sqrt(len(single))
     assert abs(single.mean() - bound.mean()) < 4 * se, (single.mean(), bound.mean(), se)
+
+
+def test_data_the_likelihood_cannot_score_is_refused_and_grey_data_warned(trained):
+    model, x = trained
+    with pytest.raises(ValueError, match="BernoulliDecoder needs data in \\[0, 1\\]"):
+        log_likelihood(model, x * 255.0, num_samples=2)
+    with pytest.warns(UserWarning, match="Grey \\(non-binary\\) values"):
+        log_likelihood(model, x * 0.5, num_samples=2)
