@@ -366,7 +366,15 @@ def _has_analytic(model):
     return prior in TABLE[model.posterior]["analytic_kl_priors"]
 
 
-@pytest.mark.parametrize("name", ALL)
+# One family per kind in the fast run (the paper's Normal; implicit Gamma on the half-line;
+# Student's t with three outputs and Monte Carlo KL; explicit Kumaraswamy on (0, 1)); the other
+# ten are marked slow (about 5 s of CPU each).
+FAST_FIT = ("normal", "gamma", "student_t", "kumaraswamy")
+
+
+@pytest.mark.parametrize(
+    "name", [n if n in FAST_FIT else pytest.param(n, marks=pytest.mark.slow) for n in ALL]
+)
 def test_short_fit_raises_the_bound_and_keras_round_trip_keeps_the_family(
     binary_data, name, tmp_path
 ):
