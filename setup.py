@@ -29,6 +29,8 @@ setup(
         "tensorflow-probability[tf]>=0.24,<0.26",
         "keras>=3.3,<4",
         "tensorflow-datasets>=4.9",
+        # tf.summary (TensorBoard logs of `keras-aevb train`); TensorFlow 2.21 does not bring it.
+        "tensorboard>=2.16",
         "numpy>=1.26",
         "scipy>=1.11",
         "matplotlib>=3.7",

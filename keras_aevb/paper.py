@@ -23,8 +23,16 @@ PAPER_INIT_STDDEV = 0.01
 
 
 def paper_initializer(seed=None):
-    """N(0, 0.01^2): the paper's initialization of every weight and bias (std read as 0.01)."""
-    return keras.initializers.RandomNormal(mean=0.0, stddev=PAPER_INIT_STDDEV, seed=seed)
+    """N(0, 0.01^2): the paper's initialization of every weight and bias (std read as 0.01).
+
+    Seeded through a `keras.random.SeedGenerator`: a Keras 3 initializer seeded with an int (or
+    None) returns the same values on every call, so one instance shared by all layers would
+    start every weight tensor from one draw; the generator gives each call a fresh draw, and the
+    sequence is reproducible from `seed`.
+    """
+    return keras.initializers.RandomNormal(
+        mean=0.0, stddev=PAPER_INIT_STDDEV, seed=keras.random.SeedGenerator(seed)
+    )
 
 
 def paper_model(dataset, latent_dim, hidden_units=None, **kwargs):

@@ -173,6 +173,13 @@ def test_paper_model_parameter_count_and_architecture():
     assert frey.count_params() == (560 * 200 + 200) + 2 * (200 * 10 + 10) + (10 * 200 + 200) + 2 * (
         200 * 560 + 560
     )
+    # One shared initializer must still give every weight tensor its own draw.
+    firsts = [float(v.numpy().ravel()[0]) for v in model.trainable_variables]
+    assert len(set(firsts)) == len(firsts)
+    same_seed = keras_aevb.paper_model("mnist", latent_dim=20, seed=7).get_weights()
+    again = keras_aevb.paper_model("mnist", latent_dim=20, seed=7).get_weights()
+    for a, b in zip(same_seed, again, strict=True):
+        np.testing.assert_array_equal(a, b)
     weights = model.encoder.hidden_layers[0].kernel.numpy()
     # N(0, 0.01^2) init: the sample std of 392k draws is within 1% of 0.01.
     assert abs(weights.std() - 0.01) < 1e-4
