@@ -1,8 +1,9 @@
 """Pictures of a trained model: image grids, the 2-D manifold (Fig. 4), the bound curves (Fig. 2).
 
 Every function returns or writes plain images, so a notebook can show them and the CLI can save
-them. Matplotlib is imported inside the functions with the non-interactive "Agg" backend, and
-only when a picture is drawn: importing this module (or keras_aevb) never touches a display.
+them. Matplotlib is imported inside the functions, only when a picture is drawn, and draws on a
+bare `Figure` (no pyplot, no backend switch): importing this module (or keras_aevb) never
+touches a display, and a notebook's inline plots keep working.
 
 Example:
 >>> grid = image_grid(model.sample(100, seed=0), rows=10, cols=10)  # doctest: +SKIP
@@ -36,14 +37,15 @@ __all__ = [
 HISTORY_COLUMNS = ("epoch", "examples_seen", "seconds", "train_elbo", "test_elbo")
 
 
-def _matplotlib():
-    """Matplotlib with the Agg backend (no display needed); imported only when drawing."""
-    import matplotlib
+def _figure(**kwargs):
+    """A Matplotlib `Figure` drawn off screen, without pyplot's global backend.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    A `Figure` made directly renders to PNG through Agg by itself, so drawing here never calls
+    `matplotlib.use` (which would turn off inline plots in a notebook that calls this).
+    """
+    from matplotlib.figure import Figure
 
-    return plt
+    return Figure(**kwargs)
 
 
 def image_grid(images, rows=None, cols=None, pad=2, pad_value=1.0, image_shape=None):
@@ -283,7 +285,8 @@ def plot_bound(run_dirs, out, title=None):
     Returns:
         The path written.
     """
-    plt = _matplotlib()
+    from matplotlib import rcParams, ticker
+
     run_dirs = [Path(d) for d in run_dirs]
     if not run_dirs:
         raise ValueError("plot_bound needs at least one run directory.")
@@ -295,33 +298,31 @@ def plot_bound(run_dirs, out, title=None):
         config_path = run_dir / "config.json"
         configs.append(json.loads(config_path.read_text()) if config_path.is_file() else {})
     order = np.argsort([c.get("latent_dim", 0) for c in configs], kind="stable")
-    fig, ax = plt.subplots(figsize=(6.0, 4.2), dpi=100)
-    try:
-        colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-        for k, i in enumerate(order):
-            history, label = histories[i], _run_label(run_dirs[i], configs[i], configs)
-            color = colors[k % len(colors)]
-            x = history["examples_seen"]
-            ax.plot(x, history["test_elbo"], "-", color=color, marker=".", label=f"{label} test")
-            ax.plot(x, history["train_elbo"], "--", color=color, label=f"{label} train")
-        ax.set_xscale("log")
-        # Labelled ticks at 1, 2 and 5 times powers of ten; Matplotlib's labelled minor ticks
-        # at every multiple overlap over ranges of one or two decades.
-        ax.xaxis.set_major_locator(plt.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-        ax.xaxis.set_major_formatter(plt.FuncFormatter(_examples_label))
-        ax.xaxis.set_minor_formatter(plt.NullFormatter())
-        ax.set_xlabel("# training examples evaluated")
-        ax.set_ylabel("lower bound L (nats per datapoint)")
-        if title is None:
-            names = sorted({str(c.get("dataset", "?")) for c in configs})
-            binarizations = sorted({str(c.get("binarization", "?")) for c in configs})
-            title = f"{', '.join(names)} ({', '.join(binarizations)} binarization)"
-        ax.set_title(title)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize="small")
-        fig.tight_layout()
-        out = Path(out)
-        _atomic_write(out, lambda f: fig.savefig(f, format="png"))
-    finally:
-        plt.close(fig)
+    fig = _figure(figsize=(6.0, 4.2), dpi=100)
+    ax = fig.subplots()
+    colors = rcParams["axes.prop_cycle"].by_key()["color"]
+    for k, i in enumerate(order):
+        history, label = histories[i], _run_label(run_dirs[i], configs[i], configs)
+        color = colors[k % len(colors)]
+        x = history["examples_seen"]
+        ax.plot(x, history["test_elbo"], "-", color=color, marker=".", label=f"{label} test")
+        ax.plot(x, history["train_elbo"], "--", color=color, label=f"{label} train")
+    ax.set_xscale("log")
+    # Labelled ticks at 1, 2 and 5 times powers of ten; Matplotlib's labelled minor ticks
+    # at every multiple overlap over ranges of one or two decades.
+    ax.xaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(ticker.FuncFormatter(_examples_label))
+    ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+    ax.set_xlabel("# training examples evaluated")
+    ax.set_ylabel("lower bound L (nats per datapoint)")
+    if title is None:
+        names = sorted({str(c.get("dataset", "?")) for c in configs})
+        binarizations = sorted({str(c.get("binarization", "?")) for c in configs})
+        title = f"{', '.join(names)} ({', '.join(binarizations)} binarization)"
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    out = Path(out)
+    _atomic_write(out, lambda f: fig.savefig(f, format="png"))
     return str(out)
