@@ -144,7 +144,7 @@ def plot_fig3(results, args):
     panels = (
         ("train", "samples_evaluated", "# training samples evaluated"),
         ("test", "samples_evaluated", "# training samples evaluated"),
-        ("test", "train_seconds", "training time, s (2 shared CPU cores)"),
+        ("test", "train_seconds", "training time, s (incl. tracing; 2 shared CPU cores)"),
     )
     for ax, (split, x_key, x_label) in zip(axes, panels, strict=True):
         for method, result in results.items():
