@@ -17,11 +17,11 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from keras_aevb._io import atomic_write
 
 __all__ = [
     "image_grid",
@@ -125,29 +125,8 @@ def save_png(path, image, scale=1):
     if not path.parent.is_dir():
         raise FileNotFoundError(f"output directory {path.parent} does not exist; create it first")
     pixels = np.round(np.clip(image, 0.0, 1.0) * 255).astype(np.uint8)
-    _atomic_write(path, lambda f: Image.fromarray(pixels).save(f, format="PNG"))
+    atomic_write(path, lambda f: Image.fromarray(pixels).save(f, format="PNG"))
     return str(path)
-
-
-def _atomic_write(path, write):
-    """Calls write(file object) on a temporary file next to `path`, then renames it to `path`.
-
-    The file gets the permissions a plain open() would give it (0666 less the umask), not
-    mkstemp's 0600.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 # ------------------------------------------------------------------------------ model pictures
@@ -324,5 +303,5 @@ def plot_bound(run_dirs, out, title=None):
     ax.legend(fontsize="small")
     fig.tight_layout()
     out = Path(out)
-    _atomic_write(out, lambda f: fig.savefig(f, format="png"))
+    atomic_write(out, lambda f: fig.savefig(f, format="png"))
     return str(out)

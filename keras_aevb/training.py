@@ -45,7 +45,6 @@ import io
 import json
 import math
 import os
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -55,6 +54,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_aevb import data as data_lib
+from keras_aevb._io import atomic_write
 from keras_aevb.paper import PAPER_DATASETS, PAPER_INIT_STDDEV
 from keras_aevb.version import __version__
 
@@ -181,21 +181,7 @@ class TrainResult:
 
 
 def _atomic_write_bytes(path, payload: bytes):
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)  # give the file open()'s permissions, not mkstemp's 0600
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(path, lambda f: f.write(payload), fsync=True)
 
 
 def _atomic_write_json(path, obj):
