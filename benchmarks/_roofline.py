@@ -17,6 +17,7 @@ bounds a dense network, and counting it would flatter the ratio.
 import os
 import statistics
 import time
+from typing import NamedTuple
 
 import numpy as np
 
@@ -65,13 +66,30 @@ def train_flops_per_example(layers):
     return 2 * forward + input_grads
 
 
+class Rate(NamedTuple):
+    """Units per second of wall time and per second of this process's CPU time (all threads)."""
+
+    wall: float
+    cpu: float
+
+
+def timed(fn):
+    """Runs `fn()` (which returns the units it processed) and returns its `Rate`."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    units = fn()
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    return Rate(units / max(wall, 1e-9), units / max(cpu, 1e-9))
+
+
 def matmul_peak(seconds=0.6, n=1024, dtype="float32"):
-    """Float32 FLOP/s of a square `n x n @ n x n` matmul in TensorFlow, best of short runs.
+    """Float32 FLOP/s of square `n x n @ n x n` matmuls in TensorFlow over about `seconds`.
 
     TensorFlow's own kernel (oneDNN/Eigen on CPU) is what the model's dense layers run on, so
-    its peak on a large square product is the fair ceiling. The best of ~6 short runs is taken
-    (a peak is a maximum; noise only lowers it). The call runs inside a `tf.function` and the
-    result is reduced to a scalar, so no copy to NumPy is timed.
+    its speed on a large square product is the fair ceiling. The machine is shared, so the
+    rate is the average over the whole window (not the best moment of it): the model measured
+    next to it runs under the same kind of contention, and their ratio is what is reported.
+    The loop runs inside one `tf.function` and the result is reduced to a scalar, so no copy to
+    NumPy is timed. Returns a `Rate` in FLOP/s.
     """
     import tensorflow as tf
 
@@ -86,37 +104,36 @@ def matmul_peak(seconds=0.6, n=1024, dtype="float32"):
         return total
 
     flops = 2.0 * n**3
-    reps = tf.constant(2)
-    product_sum(a, b, reps).numpy()  # trace
+    product_sum(a, b, tf.constant(1)).numpy()  # trace
     start = time.perf_counter()
-    product_sum(a, b, reps).numpy()
+    product_sum(a, b, tf.constant(2)).numpy()
     per_call = max((time.perf_counter() - start) / 2, 1e-6)
-    reps = tf.constant(max(1, int(seconds / 6 / per_call)))
-    best = 0.0
-    for _ in range(6):
-        start = time.perf_counter()
-        product_sum(a, b, reps).numpy()
-        elapsed = time.perf_counter() - start
-        best = max(best, flops * int(reps) / elapsed)
-    return best
+    reps = max(1, int(seconds / per_call))
+
+    def run():
+        product_sum(a, b, tf.constant(reps)).numpy()
+        return flops * reps
+
+    return timed(run)
 
 
 def interleaved(configs, repeats, peak_seconds=0.6):
     """Measures each config's throughput between matmul-peak measurements, `repeats` times.
 
     Args:
-        configs: dict name -> callable returning a throughput (units per second).
+        configs: dict name -> callable returning a `Rate` (units per second).
         repeats: rounds; each round is peak, every config, in a rotated order.
         peak_seconds: time spent per peak measurement.
 
     Returns:
-        dict with "peak" (list of FLOP/s, one per measurement) and, per config name, a dict with
-        "rates" (list) and "peaks" (the peak measured just before and after each rate, averaged),
-        so a ratio can be formed per measurement and its median taken.
+        dict with "peak" (list of `Rate` in FLOP/s, one per measurement), "load" (the 1-minute
+        load average at each peak) and, per config name, a dict with "rates" (list of `Rate`)
+        and "peaks" (the mean of the peaks measured just before and after each rate), so a
+        ratio can be formed per measurement and its median taken.
     """
     names = list(configs)
     results = {name: {"rates": [], "peaks": []} for name in names}
-    peaks = [matmul_peak(peak_seconds)]
+    peaks, load = [matmul_peak(peak_seconds)], [os.getloadavg()[0]]
     for round_index in range(repeats):
         # Rotate the order so no config always runs right after the (cold) peak measurement.
         order = names[round_index % len(names) :] + names[: round_index % len(names)]
@@ -125,22 +142,53 @@ def interleaved(configs, repeats, peak_seconds=0.6):
             rate = configs[name]()
             after = matmul_peak(peak_seconds)
             peaks.append(after)
+            load.append(os.getloadavg()[0])
             results[name]["rates"].append(rate)
-            results[name]["peaks"].append(0.5 * (before + after))
+            results[name]["peaks"].append(
+                Rate(0.5 * (before.wall + after.wall), 0.5 * (before.cpu + after.cpu))
+            )
     results["peak"] = peaks
+    results["load"] = load
     return results
 
 
 def ratio_summary(entry, flops_per_unit):
-    """Median rate, median peak around it and median of the per-measurement roofline ratios."""
-    rates = np.asarray(entry["rates"], dtype=float)
-    peaks = np.asarray(entry["peaks"], dtype=float)
-    ratios = rates * flops_per_unit / peaks
+    """Medians of a config's rates and of its per-measurement roofline ratios.
+
+    `fraction` is the wall-clock ratio (examples/s over the roofline examples/s, the figure the
+    targets are stated in); `cpu_fraction` is the same ratio per CPU-second of this process,
+    which a shared machine disturbs less (it is not a roofline fraction when the model leaves a
+    core idle: idle time costs no CPU time).
+    """
+    wall = np.asarray([r.wall for r in entry["rates"]], dtype=float)
+    cpu = np.asarray([r.cpu for r in entry["rates"]], dtype=float)
+    peak_wall = np.asarray([p.wall for p in entry["peaks"]], dtype=float)
+    peak_cpu = np.asarray([p.cpu for p in entry["peaks"]], dtype=float)
+    ratios = wall * flops_per_unit / peak_wall
+    cpu_ratios = cpu * flops_per_unit / peak_cpu
     return {
-        "rate": statistics.median(rates),
-        "peak_gflops": statistics.median(peaks) / 1e9,
-        "roofline_rate": statistics.median(peaks) / flops_per_unit,
+        "rate": statistics.median(wall),
+        "peak_gflops": statistics.median(peak_wall) / 1e9,
+        "roofline_rate": statistics.median(peak_wall) / flops_per_unit,
         "fraction": statistics.median(ratios),
         "fraction_min": float(ratios.min()),
         "fraction_max": float(ratios.max()),
+        "cpu_fraction": statistics.median(cpu_ratios),
     }
+
+
+def paired_speedups(entry, baseline):
+    """Median over rounds of rate / baseline rate measured in the same round (wall clock)."""
+    return statistics.median(
+        a.wall / b.wall for a, b in zip(entry["rates"], baseline["rates"], strict=True)
+    )
+
+
+def print_peaks(results):
+    peaks = np.asarray([p.wall for p in results["peak"]]) / 1e9
+    load = np.asarray(results["load"])
+    print(
+        f"matmul peak (float32, 1024^3, TensorFlow): median {np.median(peaks):.0f} GFLOP/s, "
+        f"range {peaks.min():.0f}-{peaks.max():.0f} over {len(peaks)} measurements; "
+        f"1-min load average {load.min():.1f}-{load.max():.1f} (2 = both cores busy)"
+    )

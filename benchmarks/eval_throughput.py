@@ -23,7 +23,6 @@ The last lines printed are the ratios.
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -61,9 +60,11 @@ def make_config(x, num_samples, chunk_size=None, proposed=False):
     estimate()  # traces the chunk step (and the partial last chunk)
 
     def measure():
-        start = time.perf_counter()
-        estimate()
-        return len(x) * num_samples / (time.perf_counter() - start)
+        def run():
+            estimate()
+            return len(x) * num_samples
+
+        return _roofline.timed(run)
 
     return measure, estimate
 
@@ -111,25 +112,30 @@ def main(argv=None):
         print(f"proposed vs default, same seed: max |difference| {difference:.2e} nats")
 
     results = _roofline.interleaved(configs, args.repeats)
-    peaks = np.asarray(results["peak"]) / 1e9
-    print(
-        f"matmul peak (float32, 1024^3, TensorFlow): median {np.median(peaks):.0f} GFLOP/s, "
-        f"range {peaks.min():.0f}-{peaks.max():.0f} over {len(peaks)} measurements"
-    )
+    _roofline.print_peaks(results)
     print()
-    print(f"{'config':12s} {'ex*samples/s':>13s} {'roofline':>10s} {'fraction':>9s}  (min-max)")
+    print(
+        f"{'config':12s} {'ex*samples/s':>13s} {'roofline':>10s} {'fraction':>9s}  (min-max)"
+        f"  {'cpu-time':>8s}"
+    )
     summaries = {}
     for name in configs:
         s = _roofline.ratio_summary(results[name], flops)
         summaries[name] = s
         print(
             f"{name:12s} {s['rate']:13.0f} {s['roofline_rate']:10.0f} {s['fraction']:9.3f}"
-            f"  ({s['fraction_min']:.2f}-{s['fraction_max']:.2f})"
+            f"  ({s['fraction_min']:.2f}-{s['fraction_max']:.2f})  {s['cpu_fraction']:8.3f}"
         )
     print()
-    print("ratios (examples*samples/s over the matmul roofline measured alongside; medians):")
+    print(
+        "ratios (examples*samples/s over the matmul roofline measured alongside, medians; "
+        "cpu-time: the same per CPU-second of this process):"
+    )
     for name, s in summaries.items():
-        print(f"  IS log-likelihood K={k} {name}: {s['fraction']:.3f}")
+        print(
+            f"  IS log-likelihood K={k} {name}: {s['fraction']:.3f} "
+            f"(cpu-time {s['cpu_fraction']:.3f})"
+        )
     return summaries
 
 

@@ -13,15 +13,14 @@ Configurations:
                     `keras_aevb.data.make_dataset` (dynamic binarization), as the CLI does.
   defaults numpy    the same, but `fit(x, batch_size=M)` on a NumPy array (Keras's own pipeline).
   jit=J spe=S       `compile(..., jit_compile=J, steps_per_execution=S)`.
-  step loop         the model's `train_step` run S times inside one `tf.function` on one batch in
-                    memory: no `fit`, no input pipeline. The ceiling that `fit` can approach.
-  proposed          (with --proposed) the defaults plus changes proposed for other modules
-                    (defined below): Bernoulli log-likelihood in closed form and a fused Adagrad
-                    kernel; measured here so the report can quote them.
+  proposed          (with --proposed) the defaults proposed for other modules (defined below):
+                    steps_per_execution=100, the Bernoulli log-likelihood in closed form and a
+                    fused Adagrad kernel; measured here so the report can quote them.
 
     python benchmarks/train_throughput.py                # about 4 minutes on 2 cores
     python benchmarks/train_throughput.py --quick        # about 1 minute
     python benchmarks/train_throughput.py --proposed     # adds the proposed-change configs
+    python benchmarks/train_throughput.py --profile      # where a step's time goes (profiler)
 
 The last lines printed are the ratios.
 """
@@ -62,13 +61,14 @@ class EpochTimer(keras.callbacks.Callback):
 
     def __init__(self):
         super().__init__()
-        self.times = []
+        self.times, self.cpu_times = [], []
 
     def on_epoch_begin(self, epoch, logs=None):
-        self._start = time.perf_counter()
+        self._start = time.perf_counter(), time.process_time()
 
     def on_epoch_end(self, epoch, logs=None):
-        self.times.append(time.perf_counter() - self._start)
+        self.times.append(time.perf_counter() - self._start[0])
+        self.cpu_times.append(time.process_time() - self._start[1])
 
 
 # ------------------------------------------------------------------------------------------
@@ -84,8 +84,11 @@ def bernoulli_log_likelihood_closed_form(self, x, logits):
     -sigmoid_cross_entropy_with_logits, the same value) in 3 element-wise ops instead of TFP's
     ~8 and their gradients; finite for logits of any size (softplus is computed stably).
     """
+    import tensorflow as tf
+
     axes = tuple(range(-self.event_ndims, 0))
-    return ops.sum(x * logits - ops.softplus(logits), axis=axes)
+    with tf.name_scope("log_likelihood"):
+        return ops.sum(x * logits - ops.softplus(logits), axis=axes)
 
 
 class FusedAdagrad(keras.optimizers.Adagrad):
@@ -168,12 +171,15 @@ def make_fit_config(images, batch_size, epochs, compile_kwargs, feed, proposed=F
         finally:
             if proposed:
                 uninstall_proposed()
-        return len(images) / statistics.median(timer.times)
+        return _roofline.Rate(
+            len(images) / statistics.median(timer.times),
+            len(images) / statistics.median(timer.cpu_times),
+        )
 
     return measure, model
 
 
-def make_step_loop(images, batch_size, steps):
+def make_step_loop(images, batch_size, steps, proposed=False):
     """`train_step` looped inside one tf.function on one in-memory batch: no fit, no pipeline."""
     import tensorflow as tf
 
@@ -181,7 +187,7 @@ def make_step_loop(images, batch_size, steps):
     from keras_aevb import data
 
     model = keras_aevb.paper_model("mnist", latent_dim=20, seed=0)
-    model.compile(optimizer=keras_aevb.paper_optimizer())
+    model.compile(optimizer=FusedAdagrad(0.02) if proposed else keras_aevb.paper_optimizer())
     model.optimizer.build(model.trainable_variables)
     batch = tf.constant(data.binarize(images[:batch_size], "static", seed=0))
 
@@ -195,11 +201,72 @@ def make_step_loop(images, batch_size, steps):
     loop(tf.constant(2))
 
     def measure():
-        start = time.perf_counter()
-        loop(tf.constant(steps)).numpy()
-        return steps * batch_size / (time.perf_counter() - start)
+        def run():
+            loop(tf.constant(steps)).numpy()
+            return steps * batch_size
+
+        return _roofline.timed(run)
 
     return measure
+
+
+# Op types grouped by what they do in a paper-model training step, for --profile.
+OP_GROUPS = {
+    "matmul": ("MatMul", "_MklMatMul", "_MklNativeFusedMatMul", "BatchMatMulV2"),
+    "optimizer": ("AssignAddVariableOp", "AssignSubVariableOp", "Rsqrt", "Sqrt", "RealDiv"),
+}
+
+
+def profile_step(images, batch_size, steps, proposed=False):
+    """Self time per op type of `steps` train steps, from the TensorFlow profiler.
+
+    Returns a list of (share of all op time, milliseconds per step, op type, example op name),
+    largest first. Ops are attributed by name: those under `adagrad/` are the optimizer's, the
+    weight-prior term and the Bernoulli log-density are recognised by their scope names.
+    """
+    import glob
+    import json
+    import tempfile
+
+    import tensorflow as tf
+    from tensorflow.python.profiler.internal import _pywrap_profiler_plugin
+
+    if proposed:
+        install_proposed()
+    try:
+        loop = make_step_loop(images, batch_size, steps, proposed=proposed)
+        loop()
+        logdir = tempfile.mkdtemp(prefix="aevb_profile_")
+        tf.profiler.experimental.start(logdir)
+        loop()
+        tf.profiler.experimental.stop()
+    finally:
+        if proposed:
+            uninstall_proposed()
+    path = sorted(glob.glob(f"{logdir}/**/*.xplane.pb", recursive=True))[-1]
+    raw, _ = _pywrap_profiler_plugin.xspace_to_tools_data([path], "framework_op_stats", {})
+    table = json.loads(raw)[0]
+    columns = [c["id"] for c in table["cols"]]
+    groups, total = {}, 0.0
+    for row in table["rows"]:
+        cells = dict(zip(columns, [c.get("v") for c in row["c"]], strict=True))
+        op_type, name = cells["type"], cells["operation"]
+        if op_type == "IDLE":
+            continue
+        self_time = float(cells["total_self_time"])
+        total += self_time
+        if "adagrad" in name or "/optimizer" in name:
+            group = "optimizer update (Adagrad)"
+        elif op_type in OP_GROUPS["matmul"]:
+            group = "matmul (dense layers, forward and backward)"
+        elif "Bernoulli" in name or "log_likelihood" in name:
+            group = "Bernoulli log-likelihood and its gradient"
+        elif "weight_prior" in name:
+            group = "weight prior gradient (weight_decay * theta)"
+        else:
+            group = "other element-wise and bookkeeping ops"
+        groups[group] = groups.get(group, 0.0) + self_time
+    return sorted(((t / total, t / 1e3 / steps, g) for g, t in groups.items()), reverse=True)
 
 
 def main(argv=None):
@@ -211,6 +278,9 @@ def main(argv=None):
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--quick", action="store_true", help="fewer configs and examples")
     parser.add_argument("--proposed", action="store_true", help="also measure proposed changes")
+    parser.add_argument(
+        "--profile", action="store_true", help="only print where a step's time goes (M = first)"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.examples, args.repeats, args.batch_sizes = 10_000, 2, "100,1000"
@@ -229,8 +299,16 @@ def main(argv=None):
     )
     print(f"FLOPs per training example: {FLOPS_PER_EXAMPLE / 1e6:.3f} M (784-500-20, L = 1)")
 
-    configs, notes = {}, {}
     m = batch_sizes[0]
+    if args.profile:
+        for proposed in (False, True):
+            label = "with the proposed changes" if proposed else "as the library is"
+            print(f"\nwhere a training step's time goes at M = {m}, {label} (TF profiler):")
+            for share, ms, group in profile_step(images, m, 50, proposed=proposed):
+                print(f"  {share:6.1%}  {ms:6.2f} ms/step  {group}")
+        return None
+
+    configs, notes = {}, {}
     configs[f"defaults M={m}"], model = make_fit_config(images, m, args.epochs, {}, "dataset")
     notes[f"defaults M={m}"] = (
         f"jit_compile={model.jit_compile}, steps_per_execution={model.steps_per_execution}"
@@ -244,36 +322,42 @@ def main(argv=None):
         configs[f"jit={jit} spe={spe} M={m}"], _ = make_fit_config(
             images, m, args.epochs, kwargs, "dataset"
         )
-    configs[f"step loop M={m}"] = make_step_loop(images, m, steps=max(20, 4000 // m))
     for b in batch_sizes[1:]:
         configs[f"defaults M={b}"], _ = make_fit_config(images, b, args.epochs, {}, "dataset")
     if args.proposed:
+        # The proposed defaults: steps_per_execution=100 (with fit keeping steps_per_epoch
+        # exact, .notes/speed_fit_guard.diff), fused Adagrad, closed-form Bernoulli.
         for b in batch_sizes[:1] + batch_sizes[-1:]:
             configs[f"proposed M={b}"], _ = make_fit_config(
-                images, b, args.epochs, {}, "dataset", proposed=True
+                images, b, args.epochs, {"steps_per_execution": 100}, "dataset", proposed=True
             )
 
     results = _roofline.interleaved(configs, args.repeats)
-    peaks = np.asarray(results["peak"]) / 1e9
-    print(
-        f"matmul peak (float32, 1024^3, TensorFlow): median {np.median(peaks):.0f} GFLOP/s, "
-        f"range {peaks.min():.0f}-{peaks.max():.0f} over {len(peaks)} measurements"
-    )
+    _roofline.print_peaks(results)
     print()
-    print(f"{'config':28s} {'examples/s':>11s} {'roofline':>9s} {'fraction':>9s}  (min-max)")
+    baseline = f"jit=False spe=1 M={m}"
+    print(
+        f"{'config':24s} {'examples/s':>10s} {'roofline':>9s} {'fraction':>8s} {'(min-max)':>11s}"
+        f" {'cpu-time':>8s} {'vs ' + baseline:>24s}"
+    )
     summaries = {}
     for name in configs:
         s = _roofline.ratio_summary(results[name], FLOPS_PER_EXAMPLE)
+        s["speedup"] = _roofline.paired_speedups(results[name], results[baseline])
         summaries[name] = s
         note = f"  [{notes[name]}]" if name in notes else ""
         print(
-            f"{name:28s} {s['rate']:11.0f} {s['roofline_rate']:9.0f} {s['fraction']:9.3f}"
-            f"  ({s['fraction_min']:.2f}-{s['fraction_max']:.2f}){note}"
+            f"{name:24s} {s['rate']:10.0f} {s['roofline_rate']:9.0f} {s['fraction']:8.3f}"
+            f" ({s['fraction_min']:.2f}-{s['fraction_max']:.2f}) {s['cpu_fraction']:8.3f}"
+            f" {s['speedup']:23.2f}x{note}"
         )
     print()
-    print("ratios (examples/s over the matmul roofline measured alongside; medians):")
+    print(
+        "ratios (examples/s over the matmul roofline measured alongside, medians; cpu-time: the "
+        "same per CPU-second of this process):"
+    )
     for name, s in summaries.items():
-        print(f"  {name}: {s['fraction']:.3f}")
+        print(f"  {name}: {s['fraction']:.3f} (cpu-time {s['cpu_fraction']:.3f})")
     return summaries
 
 

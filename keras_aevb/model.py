@@ -199,11 +199,12 @@ class AEVB(keras.Model):
             # closed form rather than through the tape, which spent 4-5 extra passes over all
             # 816k weights per step (about a third of a paper-model step at M = 100; see
             # benchmarks/BENCHMARKS.md). scale_loss is a multiplication (1 or the loss scale).
-            factor = self.optimizer.scale_loss(self.weight_decay / replicas)
-            gradients = [
-                ops.multiply(ops.cast(factor, v.dtype), v) + (0.0 if g is None else g)
-                for g, v in zip(gradients, variables, strict=True)
-            ]
+            with tf.name_scope("weight_prior_gradient"):  # named for profiles
+                factor = self.optimizer.scale_loss(self.weight_decay / replicas)
+                gradients = [
+                    ops.multiply(ops.cast(factor, v.dtype), v) + (0.0 if g is None else g)
+                    for g, v in zip(gradients, variables, strict=True)
+                ]
         self.optimizer.apply(gradients, variables)
         return _reducible_logs(self._update_metrics(terms, sample_weight))
 
