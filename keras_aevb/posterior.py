@@ -93,6 +93,11 @@ class ReparameterizedPosterior(keras.layers.Layer):
         num_samples = self.num_samples if num_samples is None else int(num_samples)
         family = self._family
         seed = stateless_seed(self.seed_generator) if seed is None else tf.cast(seed, "int32")
+        replica = tf.distribute.get_replica_context()
+        if replica is not None and replica.num_replicas_in_sync > 1:
+            # Every replica reads the same generator state: fold in the replica id so the
+            # replicas' eps are independent draws, as on one device.
+            seed = tf.random.experimental.stateless_fold_in(seed, replica.replica_id_in_sync_group)
         if family.g is not None:
             reference = params[family.param_names[0]]
             shape = (num_samples, *ops.shape(reference))

@@ -172,11 +172,6 @@ print("RESULT " + json.dumps(draws))
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="every replica reads the same seed state: needs the replica id folded into the "
-    "seed in ReparameterizedPosterior.sample (posterior.py; proposed in the issue-9 report)",
-)
 def test_replicas_draw_independent_noise(tmp_path):
     first, second = finish(run_python(REPLICA_NOISE, tmp_path, "replica_noise"))
     first, second = np.array(first), np.array(second)
