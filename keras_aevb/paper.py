@@ -59,37 +59,77 @@ def paper_model(dataset, latent_dim, hidden_units=None, **kwargs):
     >>> model.count_params() == PAPER_MNIST_NUM_PARAMS
     True
     """
-    try:
-        spec = PAPER_DATASETS[dataset]
-    except KeyError:
-        raise ValueError(
-            f"Unknown dataset {dataset!r}; the paper's are {sorted(PAPER_DATASETS)}."
-        ) from None
-    if hidden_units is None:
-        hidden_units = (spec["hidden"],)
-    elif isinstance(hidden_units, int):
-        hidden_units = (hidden_units,)
-    seed = kwargs.get("seed")
-    initializer = paper_initializer(seed)
-    encoder = MLPEncoder(
+    spec = _spec(dataset)
+    encoder, decoder = paper_layers(
+        dataset,
         latent_dim,
-        hidden_units=hidden_units,
+        hidden_units,
         posterior=kwargs.get("posterior", "normal"),
-        kernel_initializer=initializer,
-        bias_initializer=initializer,
-        name="encoder",
-    )
-    decoder = spec["decoder"](
-        spec["event_shape"],
-        hidden_units=tuple(reversed(tuple(hidden_units))),
-        kernel_initializer=initializer,
-        bias_initializer=initializer,
-        name="decoder",
+        seed=kwargs.get("seed"),
     )
     kwargs.setdefault("weight_decay", 1.0 / spec["N"])
     model = AEVB(encoder, decoder, name=f"aevb_{dataset}", **kwargs)
     model.build((None, *spec["event_shape"]))
     return model
+
+
+def _spec(dataset):
+    try:
+        return PAPER_DATASETS[dataset]
+    except KeyError:
+        raise ValueError(
+            f"Unknown dataset {dataset!r}; the paper's are {sorted(PAPER_DATASETS)}."
+        ) from None
+
+
+def paper_layers(
+    dataset,
+    latent_dim,
+    hidden_units=None,
+    posterior="normal",
+    likelihood=None,
+    event_shape=None,
+    seed=None,
+):
+    """The paper's encoder and decoder layers for a data set (App. C), N(0, 0.01) initialized.
+
+    Args:
+        dataset: "mnist" or "frey_face" (picks the defaults below).
+        latent_dim: J.
+        hidden_units: hidden layer size(s); default 500 (MNIST) or 200 (Frey Face).
+        posterior: the encoder's posterior family.
+        likelihood: "bernoulli" or "gaussian"; default: the data set's (App. C.1 / C.2).
+        event_shape: shape of one datapoint; default: the data set's.
+        seed: seed of the initialization's generator (None: from the global seed).
+
+    Returns:
+        `(encoder, decoder)`, not built.
+    """
+    spec = _spec(dataset)
+    if hidden_units is None:
+        hidden_units = (spec["hidden"],)
+    elif isinstance(hidden_units, int):
+        hidden_units = (hidden_units,)
+    hidden_units = tuple(hidden_units)
+    decoders = {"bernoulli": BernoulliDecoder, "gaussian": GaussianDecoder}
+    decoder_class = spec["decoder"] if likelihood is None else decoders[likelihood]
+    initializer = paper_initializer(seed)
+    encoder = MLPEncoder(
+        latent_dim,
+        hidden_units=hidden_units,
+        posterior=posterior,
+        kernel_initializer=initializer,
+        bias_initializer=initializer,
+        name="encoder",
+    )
+    decoder = decoder_class(
+        tuple(event_shape or spec["event_shape"]),
+        hidden_units=tuple(reversed(hidden_units)),
+        kernel_initializer=initializer,
+        bias_initializer=initializer,
+        name="decoder",
+    )
+    return encoder, decoder
 
 
 def paper_optimizer(learning_rate=0.02):

@@ -55,7 +55,6 @@ import tensorflow as tf
 
 from keras_aevb import data as data_lib
 from keras_aevb._io import atomic_write
-from keras_aevb.paper import PAPER_DATASETS, PAPER_INIT_STDDEV
 from keras_aevb.version import __version__
 
 __all__ = [
@@ -420,17 +419,6 @@ def _pipeline_binarization(info):
 # -------------------------------------------------------------------------- model
 
 
-def _paper_initializer_config():
-    # A config, not an instance: keras.initializers.get() then makes a fresh initializer per
-    # layer, each drawing its own seed from the global seed (keras.utils.set_random_seed). One
-    # shared instance would give every weight tensor the same numbers (Keras 3 initializers
-    # repeat their draw on every call).
-    return {
-        "class_name": "RandomNormal",
-        "config": {"mean": 0.0, "stddev": PAPER_INIT_STDDEV, "seed": None},
-    }
-
-
 def build_model(
     dataset,
     event_shape,
@@ -460,30 +448,16 @@ def build_model(
         ValueError: a posterior/prior/estimator combination the model refuses, or a baseline
             whose module is not installed.
     """
-    from keras_aevb.decoder import BernoulliDecoder, GaussianDecoder
-    from keras_aevb.encoder import MLPEncoder
     from keras_aevb.model import AEVB
+    from keras_aevb.paper import paper_layers
 
-    spec = PAPER_DATASETS[dataset]
-    hidden = tuple(hidden_units) if hidden_units else (spec["hidden"],)
-    if likelihood is None:
-        likelihood = "gaussian" if spec["decoder"] is GaussianDecoder else "bernoulli"
-    decoder_class = {"bernoulli": BernoulliDecoder, "gaussian": GaussianDecoder}[likelihood]
-    init = _paper_initializer_config()
-    encoder = MLPEncoder(
+    encoder, decoder = paper_layers(
+        dataset,
         latent_dim,
-        hidden_units=hidden,
+        hidden_units or None,
         posterior=posterior,
-        kernel_initializer=init,
-        bias_initializer=init,
-        name="encoder",
-    )
-    decoder = decoder_class(
-        tuple(event_shape),
-        hidden_units=tuple(reversed(hidden)),
-        kernel_initializer=init,
-        bias_initializer=init,
-        name="decoder",
+        likelihood=likelihood,
+        event_shape=event_shape,
     )
     if method == "aevb":
         model = AEVB(
