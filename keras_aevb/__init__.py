@@ -23,6 +23,7 @@ from keras_aevb.model import AEVB  # noqa: E402
 from keras_aevb.paper import (  # noqa: E402
     PAPER_MNIST_NUM_PARAMS,
     paper_initializer,
+    paper_layers,
     paper_model,
     paper_optimizer,
 )
@@ -50,6 +51,7 @@ __all__ = [
     "log_likelihood",
     "make_prior",
     "paper_initializer",
+    "paper_layers",
     "paper_model",
     "paper_optimizer",
     "posterior_families",
