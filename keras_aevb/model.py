@@ -15,7 +15,7 @@ from keras_aevb.prior import check_support, make_prior, sample_prior
 METRIC_NAMES = ("loss", "elbo", "reconstruction_log_likelihood", "kl")
 
 # Training steps per `tf.function` call when `compile` is not told. More is faster (see
-# `AEVB.compile` and benchmarks/BENCHMARKS.md), but Keras runs whole executions, so a larger
+# `AEVB.compile` and benchmarks/train_throughput.py), but Keras runs whole executions, so a larger
 # default would make `fit(steps_per_epoch=k)` train more than k steps whenever k is not a
 # multiple of it; it can rise once `fit` clamps it to the step counts it is given.
 DEFAULT_STEPS_PER_EXECUTION = 1
@@ -198,7 +198,7 @@ class AEVB(keras.Model):
             # The gradient of weight_decay / 2 * ||theta||^2 is weight_decay * theta: added in
             # closed form rather than through the tape, which spent 4-5 extra passes over all
             # 816k weights per step (about a third of a paper-model step at M = 100; see
-            # benchmarks/BENCHMARKS.md). scale_loss is a multiplication (1 or the loss scale).
+            # benchmarks/train_throughput.py). scale_loss is a multiplication (1 or the loss scale).
             with tf.name_scope("weight_prior_gradient"):  # named for profiles
                 factor = self.optimizer.scale_loss(self.weight_decay / replicas)
                 gradients = [
@@ -245,7 +245,7 @@ class AEVB(keras.Model):
 
         - `steps_per_execution`: `DEFAULT_STEPS_PER_EXECUTION` (1 when `run_eagerly`). Each
           call of Keras's step function costs a fixed 1-2 ms of Python and dispatch on the
-          2-core CPUs measured (benchmarks/BENCHMARKS.md), a large share of a paper-model step
+          2-core CPUs measured (benchmarks/train_throughput.py), a large share of a paper-model step
           of a few ms; `steps_per_execution=100` amortizes it. Keras then runs whole
           executions: `fit(steps_per_epoch=k)` trains k rounded up to a multiple of it, and
           batch-level callbacks see every `steps_per_execution`-th batch.
