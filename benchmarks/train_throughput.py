@@ -21,6 +21,7 @@ Configurations:
     python benchmarks/train_throughput.py --quick        # about 1 minute
     python benchmarks/train_throughput.py --proposed     # adds the proposed-change configs
     python benchmarks/train_throughput.py --profile      # where a step's time goes (profiler)
+    python benchmarks/train_throughput.py --ceilings     # fit against plain TF and matmuls alone
 
 The last lines printed are the ratios.
 """
@@ -179,7 +180,7 @@ def make_fit_config(images, batch_size, epochs, compile_kwargs, feed, proposed=F
     return measure, model
 
 
-def make_step_loop(images, batch_size, steps, proposed=False):
+def make_step_loop(images, batch_size, steps, proposed=False, jit_compile=False):
     """`train_step` looped inside one tf.function on one in-memory batch: no fit, no pipeline."""
     import tensorflow as tf
 
@@ -191,7 +192,7 @@ def make_step_loop(images, batch_size, steps, proposed=False):
     model.optimizer.build(model.trainable_variables)
     batch = tf.constant(data.binarize(images[:batch_size], "static", seed=0))
 
-    @tf.function
+    @tf.function(jit_compile=jit_compile)
     def loop(n):
         loss = tf.constant(0.0)
         for _ in tf.range(n):
@@ -208,6 +209,86 @@ def make_step_loop(images, batch_size, steps, proposed=False):
         return _roofline.timed(run)
 
     return measure
+
+
+def make_matmul_only_loop(batch_size, steps):
+    """Only the 11 matrix products of a training step (forward, weight and input gradients).
+
+    The ceiling of any implementation on TensorFlow's kernels: everything else removed.
+    """
+    import tensorflow as tf
+
+    b = batch_size
+    x, h = tf.random.normal((b, 784)), tf.random.normal((b, 500))
+    z, d40, d784 = tf.random.normal((b, 20)), tf.random.normal((b, 40)), tf.random.normal((b, 784))
+    w1, w2 = tf.random.normal((784, 500)), tf.random.normal((500, 40))
+    w3, w4 = tf.random.normal((20, 500)), tf.random.normal((500, 784))
+
+    @tf.function
+    def loop(n):
+        total = tf.constant(0.0)
+        for _ in tf.range(n):
+            products = [
+                x @ w1,
+                h @ w2,
+                z @ w3,
+                h @ w4,
+                tf.matmul(x, h, transpose_a=True),
+                tf.matmul(h, d40, transpose_a=True),
+                tf.matmul(z, h, transpose_a=True),
+                tf.matmul(h, d784, transpose_a=True),
+                tf.matmul(d40, w2, transpose_b=True),
+                tf.matmul(h, w3, transpose_b=True),
+                tf.matmul(d784, w4, transpose_b=True),
+            ]
+            # One element of each keeps every product alive.
+            total += tf.add_n([p[0, 0] for p in products])
+        return total
+
+    loop(tf.constant(2))
+    return lambda: _roofline.timed(lambda: (loop(tf.constant(steps)).numpy(), steps * b)[1])
+
+
+def make_plain_tf_loop(batch_size, steps, jit_compile=False):
+    """The paper's step written directly in TensorFlow: no Keras, no TFP, no input pipeline.
+
+    Same model, same maths as `train_step` with `paper_optimizer()` and weight decay 1/N
+    (Bernoulli log-density in closed form, Keras's Adagrad update written out), on one
+    in-memory batch: what TensorFlow itself allows, with (`jit_compile=True`) or without XLA.
+    """
+    import tensorflow as tf
+
+    shapes = [(784, 500), (500,), (500, 20), (20,), (500, 20), (20,)]
+    shapes += [(20, 500), (500,), (500, 784), (784,)]
+    weights = [tf.Variable(tf.random.normal(s, stddev=0.01)) for s in shapes]
+    accumulators = [tf.Variable(tf.zeros(s)) for s in shapes]
+    rng = np.random.default_rng(0)
+    x = tf.constant((rng.random((batch_size, 784)) < 0.3).astype("float32"))
+
+    @tf.function(jit_compile=jit_compile)
+    def loop(n):
+        loss = tf.constant(0.0)
+        for _ in tf.range(n):
+            w = weights
+            with tf.GradientTape() as tape:
+                h = tf.tanh(x @ w[0] + w[1])
+                mu, log_var = h @ w[2] + w[3], h @ w[4] + w[5]
+                z = mu + tf.exp(0.5 * log_var) * tf.random.normal(tf.shape(mu))
+                logits = tf.tanh(z @ w[6] + w[7]) @ w[8] + w[9]
+                reconstruction = tf.reduce_sum(x * logits - tf.nn.softplus(logits), -1)
+                kl = -0.5 * tf.reduce_sum(1 + log_var - mu**2 - tf.exp(log_var), -1)
+                loss = -tf.reduce_mean(reconstruction - kl)
+            gradients = tape.gradient(loss, w)
+            for v, a, g in zip(w, accumulators, gradients, strict=True):
+                g = g + (1.0 / 60_000) * v
+                a.assign_add(g * g)
+                v.assign_sub(0.02 * g / tf.sqrt(a + 1e-8))
+        return loss
+
+    loop(tf.constant(2))
+    return lambda: _roofline.timed(
+        lambda: (loop(tf.constant(steps)).numpy(), steps * batch_size)[1]
+    )
 
 
 # Op types grouped by what they do in a paper-model training step, for --profile.
@@ -269,6 +350,31 @@ def profile_step(images, batch_size, steps, proposed=False):
     return sorted(((t / total, t / 1e3 / steps, g) for g, t in groups.items()), reverse=True)
 
 
+def ceilings(images, m, args):
+    """fit at the defaults against the step with less and less around it (same run)."""
+    steps = max(20, 10_000 // m)
+    configs = {"matmuls only": make_matmul_only_loop(m, steps)}
+    for jit in (False, True):
+        configs[f"plain TF step jit={jit}"] = make_plain_tf_loop(m, steps, jit)
+        configs[f"train_step loop jit={jit}"] = make_step_loop(images, m, steps, jit_compile=jit)
+    configs["fit spe=100"], _ = make_fit_config(
+        images, m, args.epochs, {"steps_per_execution": 100}, "dataset"
+    )
+    results = _roofline.interleaved(configs, args.repeats)
+    _roofline.print_peaks(results)
+    print()
+    print(f"ratios at M = {m} (examples/s over the matmul roofline measured alongside, medians):")
+    summaries = {}
+    for name in configs:
+        s = _roofline.ratio_summary(results[name], FLOPS_PER_EXAMPLE)
+        summaries[name] = s
+        print(
+            f"  {name:24s} {s['rate']:8.0f} examples/s  {s['fraction']:.3f}"
+            f" ({s['fraction_min']:.2f}-{s['fraction_max']:.2f})  cpu-time {s['cpu_fraction']:.3f}"
+        )
+    return summaries
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--examples", type=int, default=20_000, help="examples per epoch")
@@ -280,6 +386,12 @@ def main(argv=None):
     parser.add_argument("--proposed", action="store_true", help="also measure proposed changes")
     parser.add_argument(
         "--profile", action="store_true", help="only print where a step's time goes (M = first)"
+    )
+    parser.add_argument(
+        "--ceilings",
+        action="store_true",
+        help="only compare fit with what TensorFlow allows: matmuls alone, the step in plain "
+        "TensorFlow, the model's train_step without fit (M = first)",
     )
     args = parser.parse_args(argv)
     if args.quick:
@@ -307,6 +419,9 @@ def main(argv=None):
             for share, ms, group in profile_step(images, m, 50, proposed=proposed):
                 print(f"  {share:6.1%}  {ms:6.2f} ms/step  {group}")
         return None
+
+    if args.ceilings:
+        return ceilings(images, m, args)
 
     configs, notes = {}, {}
     configs[f"defaults M={m}"], model = make_fit_config(images, m, args.epochs, {}, "dataset")

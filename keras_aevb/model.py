@@ -15,7 +15,7 @@ from keras_aevb.prior import check_support, make_prior, sample_prior
 METRIC_NAMES = ("loss", "elbo", "reconstruction_log_likelihood", "kl")
 
 # Training steps per `tf.function` call when `compile` is not told. More is faster (see
-# `AEVB.compile` and benchmarks/train_throughput.py), but Keras runs whole executions, so a larger
+# `AEVB.compile` and benchmarks/BENCHMARKS.md), but Keras runs whole executions, so a larger
 # default would make `fit(steps_per_epoch=k)` train more than k steps whenever k is not a
 # multiple of it; it can rise once `fit` clamps it to the step counts it is given.
 DEFAULT_STEPS_PER_EXECUTION = 1
@@ -196,9 +196,10 @@ class AEVB(keras.Model):
         gradients = tape.gradient(scaled, variables)
         if self.weight_decay:
             # The gradient of weight_decay / 2 * ||theta||^2 is weight_decay * theta: added in
-            # closed form rather than through the tape, which spent 4-5 extra passes over all
-            # 816k weights per step (about a third of a paper-model step at M = 100; see
-            # benchmarks/train_throughput.py). scale_loss is a multiplication (1 or the loss scale).
+            # closed form (2 passes over the 816k weights) rather than through the tape (the
+            # penalty's forward and backward, 4-5 passes); bit-identical results, up to 1.1x
+            # faster steps (benchmarks/BENCHMARKS.md). scale_loss multiplies (1 or the loss
+            # scale), so the term is scaled like the rest of the gradient.
             with tf.name_scope("weight_prior_gradient"):  # named for profiles
                 factor = self.optimizer.scale_loss(self.weight_decay / replicas)
                 gradients = [
@@ -244,14 +245,15 @@ class AEVB(keras.Model):
         """`keras.Model.compile` with defaults chosen by measurement for this model.
 
         - `steps_per_execution`: `DEFAULT_STEPS_PER_EXECUTION` (1 when `run_eagerly`). Each
-          call of Keras's step function costs a fixed 1-2 ms of Python and dispatch on the
-          2-core CPUs measured (benchmarks/train_throughput.py), a large share of a paper-model step
-          of a few ms; `steps_per_execution=100` amortizes it. Keras then runs whole
-          executions: `fit(steps_per_epoch=k)` trains k rounded up to a multiple of it, and
-          batch-level callbacks see every `steps_per_execution`-th batch.
-        - `jit_compile="auto"`: Keras's rule, which is what was measured to be fastest on CPU
-          (XLA off: whole-step XLA was slower than TensorFlow's oneDNN kernels here) and turns
-          XLA on for GPUs.
+          call of Keras's step function costs about 2 ms of Python and dispatch on the 2-core
+          CPU measured (benchmarks/BENCHMARKS.md), against ~10 ms for a paper-model step at
+          M = 100; `steps_per_execution=100` gave 1.3x the examples/s there. Keras then runs
+          whole executions: `fit(steps_per_epoch=k)` trains k rounded up to a multiple of it,
+          and batch-level callbacks see every `steps_per_execution`-th batch.
+        - `jit_compile="auto"`: Keras's rule (XLA off on CPU, on for GPUs). On CPU, XLA was
+          1.15x faster for the paper model on an idle machine and slower on an oversubscribed
+          one, costs a compile per input shape, and not every TFP sampler of the posterior
+          families compiles; pass `jit_compile=True` to try it.
 
         Any value the caller passes is used as given. Under a `tf.distribute` strategy with
         several replicas the default is 1: Keras 3 fails on `steps_per_execution > 1` with
