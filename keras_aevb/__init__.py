@@ -1,7 +1,7 @@
 """keras_aevb: Auto-Encoding Variational Bayes (Kingma & Welling, arXiv:1312.6114) for Keras 3.
 
 Public API: the layers (`MLPEncoder`, `ReparameterizedPosterior`, `BernoulliDecoder`,
-`GaussianDecoder`), the model (`AEVB`), the paper's set-up (`paper_model`, `paper_optimizer`),
+`GaussianDecoder`), the model (`AEVB`), the paper's set-up (`paper_model`, `paper_optimizer`, `FusedAdagrad`),
 posterior families and priors (`posterior_families`, `make_prior`), the marginal likelihood
 (`log_likelihood`, `hmc_log_likelihood`), the baselines (`WakeSleep`, `MonteCarloEM`) and the
 TF Serving export (`export_saved_model`). Submodules: `data`, `plotting`, `training`, `cli`,
@@ -20,6 +20,7 @@ from keras_aevb.export import export_saved_model  # noqa: E402
 from keras_aevb.families import FAMILIES, Family, posterior_families  # noqa: E402
 from keras_aevb.marginal_likelihood import hmc_log_likelihood, log_likelihood  # noqa: E402
 from keras_aevb.model import AEVB  # noqa: E402
+from keras_aevb.optimizers import FusedAdagrad  # noqa: E402
 from keras_aevb.paper import (  # noqa: E402
     PAPER_MNIST_NUM_PARAMS,
     paper_initializer,
@@ -36,6 +37,7 @@ __all__ = [
     "BernoulliDecoder",
     "FAMILIES",
     "Family",
+    "FusedAdagrad",
     "GaussianDecoder",
     "LearnedNormalPrior",
     "MLPEncoder",

@@ -1,5 +1,6 @@
 """`AEVB`: the variational auto-encoder trained with the SGVB lower bound (paper Algorithm 1)."""
 
+import contextlib
 import math
 import warnings
 
@@ -8,17 +9,19 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
+from keras_aevb import execution
 from keras_aevb.estimator import ESTIMATOR_NAMES, resolve_estimator, sgvb_terms
 from keras_aevb.posterior import ReparameterizedPosterior, stateless_seed
 from keras_aevb.prior import check_support, make_prior, sample_prior
 
 METRIC_NAMES = ("loss", "elbo", "reconstruction_log_likelihood", "kl")
 
-# Training steps per `tf.function` call when `compile` is not told. More is faster (see
-# `AEVB.compile` and benchmarks/BENCHMARKS.md), but Keras runs whole executions, so a larger
-# default would make `fit(steps_per_epoch=k)` train more than k steps whenever k is not a
-# multiple of it; it can rise once `fit` clamps it to the step counts it is given.
-DEFAULT_STEPS_PER_EXECUTION = 1
+# Training steps per call of the train function when `compile` is not told. Each call costs
+# ~2 ms of Python and dispatch on the 2-core CPU measured (benchmarks/BENCHMARKS.md) against a
+# few ms per paper-model step at M = 100; 100 steps per call hide it. `fit` and `evaluate` stop
+# an execution at `steps_per_epoch` / `steps` (keras_aevb.execution), so the value never
+# changes how many steps run.
+DEFAULT_STEPS_PER_EXECUTION = 100
 
 
 @keras.saving.register_keras_serializable(package="keras_aevb")
@@ -168,11 +171,11 @@ class AEVB(keras.Model):
 
     # ---------------------------------------------------------------- the bound
 
-    def _terms(self, x, training, num_samples=None, seed=None):
+    def _terms(self, x, training, num_samples=None, seed=None, eps=None):
         x = self._as_event(x)
         params = self.encoder(x, training=training)
         posterior = self.posterior_layer.distribution(params)
-        z = self.posterior_layer.sample(params, num_samples, seed=seed)
+        z = self.posterior_layer.sample(params, num_samples, seed=seed, eps=eps)
         outputs = self.decoder(z, training=training)
         log_px_given_z = self.decoder.log_likelihood(x, outputs)
         return sgvb_terms(log_px_given_z, posterior, self.prior_distribution, z, self.estimator)
@@ -186,10 +189,14 @@ class AEVB(keras.Model):
 
     def train_step(self, data):
         x, sample_weight = _unpack(data)
+        return _reducible_logs(self._train_step(x, sample_weight))
+
+    def _train_step(self, x, sample_weight, eps=None):
+        """One step of Algorithm 1 on minibatch x; `eps`: the step's noise, drawn by the caller."""
         # Under tf.distribute the replicas' gradients are summed: scale each replica's mean.
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
         with tf.GradientTape() as tape:
-            terms = self._terms(x, training=True)
+            terms = self._terms(x, training=True, eps=eps)
             objective = -_weighted_mean(terms["elbo"], sample_weight) / replicas
             scaled = self.optimizer.scale_loss(objective)
         variables = self.trainable_variables
@@ -207,7 +214,7 @@ class AEVB(keras.Model):
                     for g, v in zip(gradients, variables, strict=True)
                 ]
         self.optimizer.apply(gradients, variables)
-        return _reducible_logs(self._update_metrics(terms, sample_weight))
+        return self._update_metrics(terms, sample_weight)
 
     def test_step(self, data):
         x, sample_weight = _unpack(data)
@@ -222,11 +229,73 @@ class AEVB(keras.Model):
         values = dict(terms, loss=-terms["elbo"])
         for name, tracker in self.trackers.items():
             tracker.update_state(values[name], sample_weight=sample_weight)
+        return self._metric_logs()
+
+    def _metric_logs(self):
         return {name: tracker.result() for name, tracker in self.trackers.items()}
 
     @property
     def metrics(self):
         return list(self.trackers.values())
+
+    # ---------------------------------------------------------------- executions
+
+    @property
+    def _execution_state(self):
+        return self.__dict__.setdefault("_keras_aevb_execution_state", {})
+
+    def _runs_lean_executions(self):
+        """Whether fit/evaluate use keras_aevb.execution (one device, compiled) or Keras's."""
+        return not self.run_eagerly and _is_default_strategy(self.distribute_strategy)
+
+    def _uses_xla_blocks(self):
+        # Only this class's train_step is written as `_train_step(x, None, eps)`; subclasses
+        # that override train_step (the baselines) run their own step.
+        return (
+            getattr(self, "xla_blocks", False)
+            and self.posterior_layer.has_explicit_g
+            and type(self).train_step is AEVB.train_step
+        )
+
+    def make_train_function(self, force=False):
+        if self.train_function is not None and not force:
+            return self.train_function
+        if not self._runs_lean_executions():
+            return super().make_train_function(force=force)
+        block = None
+        if self._uses_xla_blocks():
+            block = (lambda x, eps: self._train_step(x, None, eps), self._block_noise)
+        self.train_function = execution.make_execution_function(
+            self, self.train_step, "train", jit_step=self.jit_compile, block=block
+        )
+        return self.train_function
+
+    def make_test_function(self, force=False):
+        if self.test_function is not None and not force:
+            return self.test_function
+        if not self._runs_lean_executions():
+            return super().make_test_function(force=force)
+        self.test_function = execution.make_execution_function(
+            self, self.test_step, "test", jit_step=self.jit_compile
+        )
+        return self.test_function
+
+    def _block_noise(self, steps, batch_size):
+        """eps for `steps` training steps, `[steps, L, batch_size, latent_dim]`.
+
+        One draw per step from the posterior layer's generator, as `train_step` draws it: the
+        same seed gives the same noise stream, in XLA blocks or step by step.
+        """
+        shape = (self.num_samples, batch_size, self.latent_dim)
+        _, draws = tf.while_loop(
+            lambda k, draws: k < steps,
+            lambda k, draws: (
+                k + 1,
+                draws.write(k, self.posterior_layer.noise(shape, self.compute_dtype)),
+            ),
+            (tf.constant(0), tf.TensorArray(self.compute_dtype, size=steps)),
+        )
+        return draws.stack()
 
     # ---------------------------------------------------------------- compiling
 
@@ -244,20 +313,24 @@ class AEVB(keras.Model):
     ):
         """`keras.Model.compile` with defaults chosen by measurement for this model.
 
-        - `steps_per_execution`: `DEFAULT_STEPS_PER_EXECUTION` (1 when `run_eagerly`). Each
-          call of Keras's step function costs about 2 ms of Python and dispatch on the 2-core
-          CPU measured (benchmarks/BENCHMARKS.md), against ~10 ms for a paper-model step at
-          M = 100; `steps_per_execution=100` gave 1.3x the examples/s there. Keras then runs
-          whole executions: `fit(steps_per_epoch=k)` trains k rounded up to a multiple of it,
-          and batch-level callbacks see every `steps_per_execution`-th batch.
-        - `jit_compile="auto"`: Keras's rule (XLA off on CPU, on for GPUs). On CPU, XLA was
-          1.15x faster for the paper model on an idle machine and slower on an oversubscribed
-          one, costs a compile per input shape, and not every TFP sampler of the posterior
-          families compiles; pass `jit_compile=True` to try it.
+        - `steps_per_execution`: `DEFAULT_STEPS_PER_EXECUTION` (100; 1 when `run_eagerly`).
+          Each call of the train function costs ~2 ms of Python and dispatch on the 2-core CPU
+          measured, against a few ms per paper-model step at M = 100. `fit` and `evaluate` still
+          run exactly `steps_per_epoch` / `steps` steps (an execution stops there); batch-level
+          callbacks see every execution's last batch.
+        - `jit_compile="auto"`: training runs in XLA blocks (`xla_blocks`): the steps of an
+          execution's full batches run inside one XLA computation, with eps drawn outside it
+          (keras_aevb.execution). Taken where the posterior family has an explicit
+          z = g(eps, phi) (normal, laplace, logistic, ...); families sampled by TFP's implicit
+          reparameterization (gamma, beta, student_t, chi2) train step by step without XLA.
+          Single steps (evaluation, an epoch's short last batch) run without XLA, Keras's
+          rule on CPU. `jit_compile=True` also compiles those single steps; `False` turns XLA
+          off everywhere.
 
         Any value the caller passes is used as given. Under a `tf.distribute` strategy with
-        several replicas the default is 1: Keras 3 fails on `steps_per_execution > 1` with
-        `MirroredStrategy` (keras-team/keras#19246, "You must feed a value for placeholder").
+        several replicas Keras's own loop runs, with a default of 1 step per execution: Keras 3
+        fails on `steps_per_execution > 1` with `MirroredStrategy` (keras-team/keras#19246,
+        "You must feed a value for placeholder").
         """
         strategy = self.distribute_strategy
         replicas = strategy.num_replicas_in_sync
@@ -271,6 +344,7 @@ class AEVB(keras.Model):
                 UserWarning,
                 stacklevel=2,
             )
+        self.xla_blocks = bool(jit_compile) and not run_eagerly and replicas == 1
         super().compile(
             optimizer=optimizer,
             loss=loss,
@@ -279,6 +353,7 @@ class AEVB(keras.Model):
             weighted_metrics=weighted_metrics,
             run_eagerly=run_eagerly,
             steps_per_execution=steps_per_execution,
+            # "auto": XLA for the blocks only (above); Keras's "auto" (off on CPU) elsewhere.
             jit_compile=jit_compile,
             **kwargs,
         )
@@ -293,21 +368,86 @@ class AEVB(keras.Model):
 
     # ---------------------------------------------------------------- input checks
 
-    def fit(self, x=None, y=None, *args, validation_data=None, **kwargs):
+    def fit(
+        self,
+        x=None,
+        y=None,
+        batch_size=None,
+        epochs=1,
+        verbose="auto",
+        callbacks=None,
+        validation_split=0.0,
+        validation_data=None,
+        shuffle=None,
+        steps_per_epoch=None,
+        **kwargs,
+    ):
         self._check_data(x)
         if validation_data is not None:
             self._check_data(
                 validation_data[0] if isinstance(validation_data, tuple) else validation_data
             )
-        if isinstance(x, tf.data.Dataset) and not args:
+        if shuffle is None:
             # A dataset is shuffled by its own pipeline; Keras would warn that shuffle=True is
             # ignored on every call.
-            kwargs.setdefault("shuffle", False)
-        return super().fit(x, y, *args, validation_data=validation_data, **kwargs)
+            shuffle = not isinstance(x, tf.data.Dataset)
+        with self._bounded_executions("train", x, batch_size, steps_per_epoch):
+            return super().fit(
+                x=x,
+                y=y,
+                batch_size=batch_size,
+                epochs=epochs,
+                verbose=verbose,
+                callbacks=self._with_cursor(callbacks),
+                validation_split=validation_split,
+                validation_data=validation_data,
+                shuffle=shuffle,
+                steps_per_epoch=steps_per_epoch,
+                **kwargs,
+            )
 
-    def evaluate(self, x=None, *args, **kwargs):
+    def evaluate(self, x=None, y=None, batch_size=None, verbose="auto", steps=None,
+                 callbacks=None, **kwargs):
         self._check_data(x)
-        return super().evaluate(x, *args, **kwargs)
+        with self._bounded_executions("test", x, batch_size, steps):
+            return super().evaluate(
+                x=x,
+                y=y,
+                batch_size=batch_size,
+                verbose=verbose,
+                steps=steps,
+                callbacks=self._with_cursor(callbacks),
+                **kwargs,
+            )
+
+    @contextlib.contextmanager
+    def _bounded_executions(self, mode, x, batch_size, steps):
+        """Runs fit/evaluate with executions that stop at the epoch's `steps` (exact counts).
+
+        Where the epoch's length is known and shorter than `steps_per_execution`, executions
+        are that long for this call, so progress bars count real steps.
+        """
+        state = self._execution_state
+        saved = dict(state), getattr(self, "steps_per_execution", 1)
+        state[f"{mode}_steps"] = None if steps is None else int(steps)
+        state[f"{mode}_begin"] = 0
+        known = execution.steps_in(x, batch_size, steps)
+        if known and self._runs_lean_executions() and known < self.steps_per_execution:
+            self.steps_per_execution = known
+        try:
+            yield
+        finally:
+            state.clear()
+            state.update(saved[0])
+            self.steps_per_execution = saved[1]
+
+    def _with_cursor(self, callbacks):
+        """Adds the `ExecutionCursor` that tells executions where the epoch stands."""
+        if isinstance(callbacks, keras.callbacks.CallbackList):
+            if not any(isinstance(c, execution.ExecutionCursor) for c in callbacks.callbacks):
+                callbacks.append(execution.ExecutionCursor(self._execution_state))
+            return callbacks
+        return [execution.ExecutionCursor(self._execution_state), *(callbacks or [])]
 
     def _check_data(self, x):
         """Refuses data the likelihood cannot score; warns once about data it scores poorly.
@@ -446,6 +586,13 @@ def _weighted_mean(values, sample_weight):
         return ops.mean(values)
     sample_weight = ops.cast(ops.reshape(sample_weight, ops.shape(values)), values.dtype)
     return ops.sum(values * sample_weight) / ops.maximum(ops.sum(sample_weight), 1e-12)
+
+
+def _is_default_strategy(strategy):
+    """Whether `strategy` is TensorFlow's default (no tf.distribute strategy in use)."""
+    from tensorflow.python.distribute import distribute_lib
+
+    return strategy is distribute_lib._get_default_strategy()
 
 
 def _stateless(seed):

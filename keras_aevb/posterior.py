@@ -69,6 +69,11 @@ class ReparameterizedPosterior(keras.layers.Layer):
     def param_names(self):
         return self._family.param_names
 
+    @property
+    def has_explicit_g(self):
+        """Whether z = g(eps, params) is written out (else TFP's implicit reparameterization)."""
+        return self._family.g is not None
+
     def distribution(self, params):
         """q(z|x) as a `tfd` distribution with event shape `[latent_dim]`."""
         return self._family.distribution(params)
@@ -82,16 +87,20 @@ class ReparameterizedPosterior(keras.layers.Layer):
             # Families without a mean (e.g. Cauchy) fall back to their mode.
             return dist.mode()
 
-    def sample(self, params, num_samples=None, seed=None):
+    def sample(self, params, num_samples=None, seed=None, eps=None):
         """Reparameterized samples, always with a leading sample axis: `[L, batch, latent_dim]`.
 
         Args:
             params: the encoder's parameter dict.
             num_samples: L; defaults to the layer's `num_samples`.
             seed: optional stateless seed (int32 `[2]`); by default the layer's generator.
+            eps: optional noise eps ~ p(eps) of shape `[L, batch, latent_dim]`, drawn by the
+                caller with `noise`; z = g(eps, params) (families with an explicit g only).
         """
-        num_samples = self.num_samples if num_samples is None else int(num_samples)
         family = self._family
+        if eps is not None:
+            return self.g(eps, params)
+        num_samples = self.num_samples if num_samples is None else int(num_samples)
         seed = stateless_seed(self.seed_generator) if seed is None else tf.cast(seed, "int32")
         replica = tf.distribute.get_replica_context()
         if replica is not None and replica.num_replicas_in_sync > 1:
@@ -103,6 +112,19 @@ class ReparameterizedPosterior(keras.layers.Layer):
             shape = (num_samples, *ops.shape(reference))
             return family.g(family.noise(shape, reference.dtype, seed), params)
         return self.distribution(params).sample(num_samples, seed=seed)
+
+    def noise(self, shape, dtype="float32", seed=None):
+        """eps ~ p(eps) of the given shape (families with an explicit g), from a stateless seed.
+
+        By default the seed comes from the layer's generator, like `sample`'s.
+        """
+        if self._family.g is None:
+            raise ValueError(
+                f"Posterior family {self.family!r} has no explicit g(eps, phi), so no p(eps) to "
+                "draw from: TFP samples it with implicit reparameterization."
+            )
+        seed = stateless_seed(self.seed_generator) if seed is None else tf.cast(seed, "int32")
+        return self._family.noise(shape, dtype, seed)
 
     def g(self, eps, params):
         """The paper's g_phi(eps, x) for families with an explicit form (eq. 4)."""
