@@ -1,8 +1,8 @@
 """keras_aevb: Auto-Encoding Variational Bayes (Kingma & Welling, arXiv:1312.6114) for Keras 3.
 
 Public API: the layers (`MLPEncoder`, `ReparameterizedPosterior`, `BernoulliDecoder`,
-`GaussianDecoder`), the model (`AEVB`), the paper's set-up (`paper_model`, `paper_optimizer`, `FusedAdagrad`),
-posterior families and priors (`posterior_families`, `make_prior`), the marginal likelihood
+`GaussianDecoder`), the model (`AEVB`), the paper's set-up (`paper_model`, `paper_optimizer`,
+`FusedAdagrad`), posterior families and priors (`posterior_families`, `make_prior`), the marginal likelihood
 (`log_likelihood`, `hmc_log_likelihood`), the baselines (`WakeSleep`, `MonteCarloEM`) and the
 TF Serving export (`export_saved_model`). Submodules: `data`, `plotting`, `training`, `cli`,
 `diagnostics`.

@@ -71,3 +71,22 @@ def test_bernoulli_check_data():
         decoder.check_data(np.array([[0.0, 255.0]]))
     assert "binariz" in decoder.check_data(np.array([[0.0, 0.5]]))
     assert decoder.check_data(np.array([[0.0, 1.0]])) is None
+
+
+def test_bernoulli_closed_form_equals_tfp_log_prob_and_its_gradient():
+    # log_likelihood is written out for speed; it must be TFP's Bernoulli log-density, value and
+    # gradient, with leading sample dimensions [L, batch, *event].
+    decoder = keras_aevb.BernoulliDecoder((3, 4), (3,))
+    rng = np.random.default_rng(0)
+    logits = tf.constant(rng.normal(0, 5, (2, 5, 3, 4)).astype(np.float32))
+    x = (rng.random((5, 3, 4)) < 0.5).astype(np.float32)
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(logits)
+        ours = decoder.log_likelihood(x, logits)
+        theirs = decoder.distribution(logits).log_prob(x)
+    assert ours.shape == theirs.shape == (2, 5)
+    # Tolerance: the same float32 expression up to TFP's operation order.
+    np.testing.assert_allclose(ours.numpy(), theirs.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(
+        tape.gradient(ours, logits).numpy(), tape.gradient(theirs, logits).numpy(), atol=1e-6
+    )

@@ -86,7 +86,7 @@ import keras
 GLOBAL_BATCH, STEPS = 32, 12
 
 
-def posterior_mean(params, num_samples=None, seed=None):
+def posterior_mean(params, num_samples=None, seed=None, eps=None):
     # z = posterior mean (eps = 0): one device and two replicas then optimise exactly the same
     # deterministic objective, and differ only in how the gradient is combined. (With noise
     # they would not: each replica draws its own eps for its half of the batch.)

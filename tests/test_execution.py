@@ -1,0 +1,180 @@
+"""How fit/evaluate run steps (keras_aevb.execution): exact step counts and XLA blocks (issue 9).
+
+Speed changes must not change results: XLA blocks draw the same eps, step for step, as the
+step-by-step loop, so the same seed trains the same weights either way (to float32 rounding).
+Tiny model, tiny data: seconds per test (each XLA block compiles once, ~1 s).
+"""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_aevb
+from keras_aevb import execution
+from keras_aevb.families import FAMILIES
+
+EVENT = (4, 4)
+EXPLICIT = sorted(name for name, family in FAMILIES.items() if family.g is not None)
+IMPLICIT = sorted(name for name, family in FAMILIES.items() if family.g is None)
+
+
+def tiny_model(posterior="normal", seed=0, weight_decay=0.01, cls=keras_aevb.AEVB):
+    init = keras.initializers.RandomNormal(stddev=0.3, seed=seed)
+    encoder = keras_aevb.MLPEncoder(
+        2, (8,), posterior=posterior, kernel_initializer=init, bias_initializer=init
+    )
+    decoder = keras_aevb.BernoulliDecoder(EVENT, (8,), kernel_initializer=init)
+    prior = "standard_normal" if posterior == "normal" else posterior
+    model = cls(encoder, decoder, posterior=posterior, prior=prior, seed=seed,
+                weight_decay=weight_decay)  # fmt: skip
+    model.build()
+    return model
+
+
+@pytest.fixture
+def binary_data():
+    return (np.random.default_rng(0).random((96, *EVENT)) < 0.4).astype("float32")
+
+
+def count_blocks(model):
+    """Counts the XLA blocks traced-and-run, by wrapping the block noise draw (one per block)."""
+    calls = {"blocks": 0}
+    draw = model._block_noise
+
+    def counting(steps, batch_size):
+        calls["blocks"] += 1
+        return draw(steps, batch_size)
+
+    model._block_noise = counting
+    return calls
+
+
+def train(data, posterior="normal", epochs=2, **compile_kwargs):
+    model = tiny_model(posterior)
+    model.compile(optimizer=keras_aevb.paper_optimizer(0.05), **compile_kwargs)
+    history = model.fit(data, epochs=epochs, verbose=0)
+    return model, history.history
+
+
+def assert_same_training(a, b):
+    # Tolerance: the same ops on the same data and noise; XLA fuses and reorders float32
+    # arithmetic, which moved weights by ~1e-7 over 12 steps here.
+    for x, y in zip(a[0].get_weights(), b[0].get_weights(), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=2e-6)
+    np.testing.assert_allclose(a[1]["loss"], b[1]["loss"], rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "posterior",
+    # The Gaussian in the fast run; every other family (an XLA compile each) in the slow run.
+    [name if name == "normal" else pytest.param(name, marks=pytest.mark.slow) for name in EXPLICIT],
+)
+def test_xla_blocks_train_like_single_steps(binary_data, posterior):
+    data = tf.data.Dataset.from_tensor_slices(binary_data).batch(16)  # 6 full batches
+    stepwise = train(data, posterior, steps_per_execution=3, jit_compile=False)
+    model = tiny_model(posterior)
+    model.compile(optimizer=keras_aevb.paper_optimizer(0.05), steps_per_execution=3)
+    assert model.xla_blocks and model._uses_xla_blocks()
+    calls = count_blocks(model)
+    history = model.fit(data, epochs=2, verbose=0)
+    assert calls["blocks"] >= 1  # the block path ran (traced at least once)
+    assert int(model.optimizer.iterations.numpy()) == 12
+    assert_same_training((model, history.history), stepwise)
+
+
+def test_blocks_with_a_short_last_batch_and_small_block_memory(binary_data, monkeypatch):
+    # 100 examples in batches of 16: six full batches and one of 4, which runs step by step.
+    data = np.concatenate([binary_data, binary_data[:4]])
+    dataset = tf.data.Dataset.from_tensor_slices(data).batch(16)
+    stepwise = train(dataset, steps_per_execution=7, jit_compile=False)
+    # Blocks of at most two batches: each 7-step execution is split into equal blocks.
+    monkeypatch.setattr(execution, "MAX_BLOCK_BYTES", 2 * 16 * 16 * 4)
+    blocked = train(dataset, steps_per_execution=7)
+    assert int(blocked[0].optimizer.iterations.numpy()) == 14
+    assert_same_training(blocked, stepwise)
+
+
+@pytest.mark.parametrize("posterior", IMPLICIT[:1])
+def test_implicit_families_train_without_blocks(binary_data, posterior):
+    model, _ = train(tf.data.Dataset.from_tensor_slices(binary_data).batch(16), posterior,
+                     steps_per_execution=4)  # fmt: skip
+    assert model.xla_blocks and not model._uses_xla_blocks()
+    assert int(model.optimizer.iterations.numpy()) == 12
+
+
+@pytest.mark.parametrize("steps_per_execution", [1, 4, 100])
+@pytest.mark.parametrize("steps_per_epoch", [1, 3, 7])
+def test_fit_runs_exactly_steps_per_epoch(binary_data, steps_per_execution, steps_per_epoch):
+    model = tiny_model()
+    model.compile(optimizer=keras_aevb.paper_optimizer(), steps_per_execution=steps_per_execution)
+    data = tf.data.Dataset.from_tensor_slices(binary_data).batch(16).repeat()
+    history = model.fit(data, steps_per_epoch=steps_per_epoch, epochs=3, verbose=0)
+    assert int(model.optimizer.iterations.numpy()) == 3 * steps_per_epoch
+    assert len(history.history["loss"]) == 3
+    assert model.steps_per_execution == steps_per_execution  # restored after fit
+
+
+def test_each_epoch_continues_the_stream():
+    # With steps_per_epoch, Keras keeps one iterator across epochs: an execution that stopped
+    # at the epoch's end must not have read (and dropped) the next epoch's first batch.
+    total, count = tf.Variable(0.0), tf.Variable(0)
+
+    class Spy(keras_aevb.AEVB):
+        def train_step(self, data):
+            total.assign_add(data[0, 0, 0])
+            count.assign_add(1)
+            return super().train_step(data)
+
+    values = np.arange(10, dtype="float32") / 10  # batch i holds i / 10 everywhere
+    batches = values[:, None, None, None] * np.ones((1, 2, *EVENT), "float32")
+    model = tiny_model(cls=Spy)
+    model.compile(optimizer=keras.optimizers.SGD(0.0), steps_per_execution=4)
+    model.fit(tf.data.Dataset.from_tensor_slices(batches), steps_per_epoch=3, epochs=3, verbose=0)
+    assert int(count.numpy()) == 9
+    assert float(total.numpy()) == pytest.approx(values[:9].sum(), rel=1e-6)
+
+
+def test_blocks_continue_the_stream_across_epochs(binary_data):
+    data = tf.data.Dataset.from_tensor_slices(binary_data).batch(16).repeat()
+    runs = []
+    for jit_compile in (False, "auto"):
+        model = tiny_model()
+        model.compile(optimizer=keras_aevb.paper_optimizer(0.05), steps_per_execution=3,
+                      jit_compile=jit_compile)  # fmt: skip
+        history = model.fit(data, steps_per_epoch=5, epochs=2, verbose=0)
+        runs.append((model, history.history))
+    assert int(runs[1][0].optimizer.iterations.numpy()) == 10
+    assert_same_training(runs[1], runs[0])
+
+
+def test_evaluate_runs_exactly_the_steps_asked(binary_data):
+    # The analytic KL depends on x only (no sampling), so it tells which batches were read.
+    model = tiny_model()
+    model.compile(optimizer=keras_aevb.paper_optimizer(), steps_per_execution=100)
+    data = tf.data.Dataset.from_tensor_slices(binary_data).batch(16)
+    two = model.evaluate(data.repeat(), steps=2, verbose=0, return_dict=True)["kl"]
+    exact = model.evaluate(data.take(2), verbose=0, return_dict=True)["kl"]
+    three = model.evaluate(data.take(3), verbose=0, return_dict=True)["kl"]
+    assert two == pytest.approx(exact, rel=1e-6)
+    assert abs(three - exact) > 1e-4  # the comparison can tell 2 batches from 3
+
+
+def test_train_on_batch_and_numpy_fit_with_validation(binary_data):
+    model = tiny_model()
+    model.compile(optimizer=keras_aevb.paper_optimizer(0.05))
+    logs = model.train_on_batch(binary_data[:16], return_dict=True)
+    assert set(logs) == {"loss", "elbo", "reconstruction_log_likelihood", "kl"}
+    history = model.fit(binary_data, batch_size=16, epochs=2, verbose=0,
+                        validation_data=binary_data[:32])  # fmt: skip
+    assert int(model.optimizer.iterations.numpy()) == 1 + 12
+    assert len(history.history["val_loss"]) == 2
+
+
+def test_steps_in():
+    x = np.zeros((100, 2), "float32")
+    assert execution.steps_in(x, 16, None) == 7
+    assert execution.steps_in(x, None, None) == 4  # Keras's default batch of 32
+    assert execution.steps_in(x, 16, 3) == 3
+    assert execution.steps_in(tf.data.Dataset.from_tensor_slices(x).batch(10), None, None) == 10
+    assert execution.steps_in(tf.data.Dataset.from_tensor_slices(x).repeat(), None, None) is None
