@@ -2,10 +2,10 @@
 
 Public API: the layers (`MLPEncoder`, `ReparameterizedPosterior`, `BernoulliDecoder`,
 `GaussianDecoder`), the model (`AEVB`), the paper's set-up (`paper_model`, `paper_optimizer`,
-`FusedAdagrad`), posterior families and priors (`posterior_families`, `make_prior`), the marginal likelihood
-(`log_likelihood`, `hmc_log_likelihood`), the baselines (`WakeSleep`, `MonteCarloEM`) and the
-TF Serving export (`export_saved_model`). Submodules: `data`, `plotting`, `training`, `cli`,
-`diagnostics`.
+`FusedAdagrad`), posterior families and priors (`posterior_families`, `make_prior`), the
+marginal likelihood (`log_likelihood`, `hmc_log_likelihood`), the baselines (`WakeSleep`,
+`MonteCarloEM`) and the TF Serving export (`export_saved_model`). Submodules: `data`,
+`plotting`, `training`, `cli`, `diagnostics`.
 """
 
 from keras_aevb._backend import require_tensorflow_backend

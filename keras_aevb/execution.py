@@ -155,8 +155,12 @@ def _make_block_runner(model, one_step, block_step, draw_noise):
         batch_bytes = tf.size(first, tf.int64) * spec.dtype.size
         # Blocks per execution, then equal block sizes, so every block compiles to one shape.
         blocks = tf.maximum(
-            tf.cast(tf.math.ceil(tf.cast(batch_bytes, tf.float64) * tf.cast(limit, tf.float64)
-                                 / MAX_BLOCK_BYTES), tf.int32),
+            tf.cast(
+                tf.math.ceil(
+                    tf.cast(batch_bytes, tf.float64) * tf.cast(limit, tf.float64) / MAX_BLOCK_BYTES
+                ),
+                tf.int32,
+            ),
             1,
         )
         block_size = (limit + blocks - 1) // blocks
@@ -167,7 +171,10 @@ def _make_block_runner(model, one_step, block_step, draw_noise):
             """Reads up to block_size batches, starting with `pending` (which has a value)."""
             size = tf.minimum(block_size, limit - done)
             batches = tf.TensorArray(
-                spec.dtype, size=0, dynamic_size=True, infer_shape=False,
+                spec.dtype,
+                size=0,
+                dynamic_size=True,
+                infer_shape=False,
                 element_shape=spec.shape,
             )
 
@@ -175,9 +182,7 @@ def _make_block_runner(model, one_step, block_step, draw_noise):
                 x = tf.nest.flatten(element.get_value())[0]
                 uniform = uniform & tf.equal(tf.shape(x)[0], batch_size)
                 n = n + 1
-                nxt = tf.cond(
-                    n < size, lambda: fetch(done + n), lambda: _empty_like(element)
-                )
+                nxt = tf.cond(n < size, lambda: fetch(done + n), lambda: _empty_like(element))
                 return n, batches.write(n - 1, x), uniform, nxt
 
             n, batches, uniform, _ = tf.while_loop(

@@ -406,8 +406,9 @@ class AEVB(keras.Model):
                 **kwargs,
             )
 
-    def evaluate(self, x=None, y=None, batch_size=None, verbose="auto", steps=None,
-                 callbacks=None, **kwargs):
+    def evaluate(
+        self, x=None, y=None, batch_size=None, verbose="auto", steps=None, callbacks=None, **kwargs
+    ):
         self._check_data(x)
         with self._bounded_executions("test", x, batch_size, steps):
             return super().evaluate(

@@ -37,9 +37,7 @@ class FusedAdagrad(keras.optimizers.Adagrad):
     Stochastic Optimization", JMLR 2011; Kingma & Welling, arXiv:1312.6114, section 5.
     """
 
-    def __init__(
-        self, learning_rate=0.02, initial_accumulator_value=0.0, epsilon=1e-8, **kwargs
-    ):
+    def __init__(self, learning_rate=0.02, initial_accumulator_value=0.0, epsilon=1e-8, **kwargs):
         super().__init__(
             learning_rate=learning_rate,
             initial_accumulator_value=initial_accumulator_value,

@@ -403,6 +403,110 @@ def test_make_dataset_fixed_binarizations():
     )
 
 
+def identifiable_binary(n: int, bits: int = 6) -> np.ndarray:
+    """Binary images [n, bits] whose pixels spell the example's index in base 2, so they pass
+    through every binarization unchanged and the index can be read back from a batch."""
+    return ((np.arange(n)[:, None] >> np.arange(bits)) & 1).astype(np.float32)
+
+
+def read_indices(batch: np.ndarray) -> np.ndarray:
+    return (batch.astype(np.int64) << np.arange(batch.shape[1])).sum(axis=1)
+
+
+@pytest.mark.parametrize("binarization", ["dynamic", "static", "threshold", "none"])
+@pytest.mark.parametrize("drop_remainder", [False, True])
+def test_every_example_once_per_epoch(binarization, drop_remainder):
+    n, batch_size = 37, 8
+    images = identifiable_binary(n)
+    dataset = make_dataset(images, batch_size, binarization, seed=3, drop_remainder=drop_remainder)
+    expected_batches = n // batch_size if drop_remainder else -(-n // batch_size)
+    assert int(dataset.cardinality()) == expected_batches
+    orders = []
+    for _ in range(3):
+        batches = [b.numpy() for b in dataset]
+        assert len(batches) == expected_batches
+        sizes = [len(b) for b in batches]
+        assert sizes == [8, 8, 8, 8] + ([] if drop_remainder else [5])
+        order = read_indices(np.concatenate(batches))
+        assert len(set(order)) == len(order)  # no example twice in an epoch
+        if not drop_remainder:
+            np.testing.assert_array_equal(np.sort(order), np.arange(n))
+        orders.append(order)
+    assert not np.array_equal(orders[0], orders[1])  # a new order every epoch
+    # The same seed gives the same sequence of epochs.
+    again = make_dataset(images, batch_size, binarization, seed=3, drop_remainder=drop_remainder)
+    for order in orders:
+        np.testing.assert_array_equal(read_indices(epoch(again)), order)
+    spec = dataset.element_spec
+    assert spec.dtype.name == "float32"
+    assert tuple(spec.shape) == ((batch_size if drop_remainder else None), 6)
+
+
+def test_shuffle_is_uniform_over_positions():
+    n, epochs = 6, 600
+    images = identifiable_binary(n, bits=3)
+    dataset = make_dataset(images, n, "none", seed=5).repeat(epochs)
+    first = read_indices(epoch(dataset))[::n]  # the example at position 0 of every epoch
+    counts = np.bincount(first, minlength=n)
+    # Binomial(600, 1/6): mean 100, std 9.1; 5 std.
+    assert np.all(np.abs(counts - epochs / n) < 5 * np.sqrt(epochs / n * (1 - 1 / n)))
+
+
+def test_drop_remainder_with_fewer_examples_than_a_batch():
+    dataset = make_dataset(grey_ramp(n=3), batch_size=5, drop_remainder=True)
+    assert int(dataset.cardinality()) == 0 and list(dataset) == []
+    assert [len(b) for b in make_dataset(grey_ramp(n=3), batch_size=5)] == [3]
+
+
+def test_dynamic_shuffled_reproducible_and_fresh():
+    grey = grey_ramp(n=20)
+    first = epoch(make_dataset(grey, 6, seed=11).repeat(3))
+    np.testing.assert_array_equal(epoch(make_dataset(grey, 6, seed=11).repeat(3)), first)
+    epochs = first.reshape(3, *grey.shape)
+    assert (epochs[0] != epochs[1]).mean() > 0.2 and (epochs[1] != epochs[2]).mean() > 0.2
+    assert (epoch(make_dataset(grey, 6, seed=12)) != epochs[0]).mean() > 0.2
+
+
+@pytest.mark.parametrize("event_shape", [(28, 28), (5, 5), (3,)], ids=["even", "odd", "1-d"])
+def test_dynamic_draw_is_bernoulli_of_grey(event_shape):
+    # Every MNIST grey level byte/255, plus 0 and 1, on many pixels; odd event sizes take the
+    # path that discards the unused half of the last 32-bit random word.
+    levels = np.arange(256, dtype=np.float32) / np.float32(255)
+    size = int(np.prod(event_shape))
+    n = -(-256 * 200 // size)  # about 200 draws of every level per epoch
+    grey = np.resize(levels, n * size).reshape(n, *event_shape)
+    # Two epochs in the natural order (shuffle=False keeps pixels aligned with `grey`).
+    draws = epoch(make_dataset(grey, 64, shuffle=False, seed=2).repeat(2)).reshape(2, -1)
+    assert set(np.unique(draws)) == {0.0, 1.0}
+    flat = grey.reshape(-1)
+    np.testing.assert_array_equal(draws[:, flat == 0], 0)  # 0 never becomes 1
+    np.testing.assert_array_equal(draws[:, flat == 1], 1)  # 1 never becomes 0
+    for level in levels[1:-1]:
+        hits = draws[:, flat == level]
+        # Mean of k Bernoulli(p) draws: std sqrt(p (1 - p) / k); 5.5 std for each of 254 levels
+        # (a false failure has probability ~1e-5; the seeds are fixed anyway).
+        tolerance = 5.5 * np.sqrt(level * (1 - level) / hits.size)
+        assert abs(hits.mean() - level) < tolerance, (level, hits.mean())
+
+
+def test_dynamic_draw_resolution_is_2_to_the_minus_16():
+    # P(x = 1) = round(65536 grey) / 65536: grey 2**-16 is drawn as 1 with probability 2**-16
+    # (about 16 ones in 2**20 pixels), grey 2**-18 rounds to probability 0, and symmetrically
+    # near 1.
+    shape = (1024, 32, 32)
+
+    def draw(value):
+        images = np.full(shape, value, np.float32)
+        return epoch(make_dataset(images, 1024, shuffle=False, seed=0))
+
+    ones = draw(2.0**-16).sum()
+    assert 1 <= ones <= 45  # Poisson(16): P(0) = 1e-7, P(> 45) < 1e-8
+    assert draw(2.0**-18).sum() == 0
+    zeros = (1 - draw(1 - 2.0**-16)).sum()
+    assert 1 <= zeros <= 45
+    assert (1 - draw(1 - 2.0**-18)).sum() == 0
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
