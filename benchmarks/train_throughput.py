@@ -8,18 +8,19 @@ prior 1/N (`paper_model` default). Throughput is examples/s of `model.fit` in st
 before and after each measurement (see `_roofline.py`). Configurations are interleaved and
 repeated; medians are printed.
 
-Configurations:
-  defaults          `compile(optimizer=paper_optimizer())`, no flags; input from
-                    `keras_aevb.data.make_dataset` (dynamic binarization), as the CLI does.
+Configurations (M = minibatch):
+  defaults          `compile(optimizer=paper_optimizer())`, no flags: 100 steps per execution,
+                    XLA blocks (keras_aevb.execution); input from `keras_aevb.data.make_dataset`
+                    (dynamic binarization), as the CLI does.
   defaults numpy    the same, but `fit(x, batch_size=M)` on a NumPy array (Keras's own pipeline).
-  jit=J spe=S       `compile(..., jit_compile=J, steps_per_execution=S)`.
-  proposed          (with --proposed) the defaults proposed for other modules (defined below):
-                    steps_per_execution=100, the Bernoulli log-likelihood in closed form and a
-                    fused Adagrad kernel; measured here so the report can quote them.
+  jit=False spe=S   `compile(..., jit_compile=False, steps_per_execution=S)`: the lean loop of
+                    keras_aevb.execution without XLA.
+  keras loop        the defaults, but Keras 3's own multi-step loop (no lean loop, no blocks).
+  keras adagrad     the defaults, but `keras.optimizers.Adagrad` (accumulator 0, epsilon 1e-8)
+                    instead of `FusedAdagrad`.
 
     python benchmarks/train_throughput.py                # about 4 minutes on 2 cores
     python benchmarks/train_throughput.py --quick        # about 1 minute
-    python benchmarks/train_throughput.py --proposed     # adds the proposed-change configs
     python benchmarks/train_throughput.py --profile      # where a step's time goes (profiler)
     python benchmarks/train_throughput.py --ceilings     # fit against plain TF and matmuls alone
 
@@ -37,7 +38,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _roofline  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-from keras import ops  # noqa: E402
 
 FLOPS_PER_EXAMPLE = _roofline.train_flops_per_example(_roofline.dense_layers())
 
@@ -72,106 +72,39 @@ class EpochTimer(keras.callbacks.Callback):
         self.cpu_times.append(time.process_time() - self._start[1])
 
 
-# ------------------------------------------------------------------------------------------
-# Changes proposed for modules this benchmark's author does not own, measured here so their
-# gain is a figure and not a guess. `install()` patches them in; `uninstall()` restores.
-# ------------------------------------------------------------------------------------------
+def build_model(keras_loop=False):
+    """The paper's MNIST model; with `keras_loop`, Keras 3's own multi-step loop runs it."""
+    import keras_aevb
 
-
-def bernoulli_log_likelihood_closed_form(self, x, logits):
-    """log p(x|z) = sum_i x_i l_i - softplus(l_i): the Bernoulli log-density from logits.
-
-    Equal to `tfd.Bernoulli(logits=l).log_prob(x)` summed over the event (TFP computes
-    -sigmoid_cross_entropy_with_logits, the same value) in 3 element-wise ops instead of TFP's
-    ~8 and their gradients; finite for logits of any size (softplus is computed stably).
-    """
-    import tensorflow as tf
-
-    axes = tuple(range(-self.event_ndims, 0))
-    with tf.name_scope("log_likelihood"):
-        return ops.sum(x * logits - ops.softplus(logits), axis=axes)
-
-
-class FusedAdagrad(keras.optimizers.Adagrad):
-    """Adagrad as Duchi et al. and PyTorch write it, in TensorFlow's one fused kernel per weight.
-
-        accumulator += g^2;   theta -= lr * g / (sqrt(accumulator) + epsilon)
-
-    `ResourceApplyAdagradV2` reads theta, g and the accumulator once and writes theta and the
-    accumulator once; Keras's Adagrad spends 6 element-wise ops (and their memory passes) per
-    weight. Note the epsilon: Keras divides by sqrt(accumulator + epsilon), this kernel (like
-    PyTorch) by sqrt(accumulator) + epsilon; the two differ only while accumulator ~ epsilon.
-    """
-
-    def __init__(self, learning_rate=0.02, initial_accumulator_value=0.0, epsilon=1e-8, **kw):
-        super().__init__(
-            learning_rate=learning_rate,
-            initial_accumulator_value=initial_accumulator_value,
-            epsilon=epsilon,
-            **kw,
+    model = keras_aevb.paper_model("mnist", latent_dim=20, seed=0)
+    if keras_loop:
+        # Instance attributes shadow AEVB's overrides: Keras's Trainer methods run instead.
+        model.make_train_function = lambda force=False: keras.Model.make_train_function(
+            model, force
         )
-
-    def update_step(self, gradient, variable, learning_rate):
-        import tensorflow as tf
-
-        accumulator = self._accumulators[self._get_variable_index(variable)]
-        tf.raw_ops.ResourceApplyAdagradV2(
-            var=variable.handle,
-            accum=accumulator.value.handle,
-            lr=tf.cast(learning_rate, variable.dtype),
-            epsilon=tf.cast(self.epsilon, variable.dtype),
-            grad=tf.cast(gradient, variable.dtype),
-        )
+        model.make_test_function = lambda force=False: keras.Model.make_test_function(model, force)
+    return model
 
 
-_ORIGINALS = {}
-
-
-def install_proposed():
-    from keras_aevb.decoder import BernoulliDecoder
-
-    _ORIGINALS.setdefault("log_likelihood", BernoulliDecoder.log_likelihood)
-    BernoulliDecoder.log_likelihood = bernoulli_log_likelihood_closed_form
-
-
-def uninstall_proposed():
-    from keras_aevb.decoder import BernoulliDecoder
-
-    if "log_likelihood" in _ORIGINALS:
-        BernoulliDecoder.log_likelihood = _ORIGINALS["log_likelihood"]
-
-
-def make_fit_config(images, batch_size, epochs, compile_kwargs, feed, proposed=False):
+def make_fit_config(images, batch_size, epochs, compile_kwargs, feed, keras_loop=False,
+                    optimizer=None):  # fmt: skip
     """Builds, compiles and warms up one model; returns a callable measuring examples/s."""
     import keras_aevb
     from keras_aevb import data
 
-    if proposed:
-        install_proposed()
-    try:
-        model = keras_aevb.paper_model("mnist", latent_dim=20, seed=0)
-        optimizer = FusedAdagrad(0.02) if proposed else keras_aevb.paper_optimizer()
-        model.compile(optimizer=optimizer, **compile_kwargs)
-        if feed == "dataset":
-            inputs = data.make_dataset(images, batch_size=batch_size, binarization="dynamic")
-            fit_kwargs = {}
-        else:
-            inputs = data.binarize(images, "static", seed=0)
-            fit_kwargs = {"batch_size": batch_size}
-        model.fit(inputs, epochs=1, verbose=0, **fit_kwargs)  # traces the step
-    finally:
-        if proposed:
-            uninstall_proposed()
+    model = build_model(keras_loop)
+    model.compile(optimizer=optimizer or keras_aevb.paper_optimizer(), **compile_kwargs)
+    if feed == "dataset":
+        inputs = data.make_dataset(images, batch_size=batch_size, binarization="dynamic")
+        fit_kwargs = {}
+    else:
+        inputs = data.binarize(images, "static", seed=0)
+        fit_kwargs = {"batch_size": batch_size}
+    model.fit(inputs, epochs=1, verbose=0, **fit_kwargs)  # traces (and compiles) the step
 
     def measure():
-        if proposed:
-            install_proposed()
-        try:
-            timer = EpochTimer()
-            model.fit(inputs, epochs=epochs, verbose=0, callbacks=[timer], **fit_kwargs)
-        finally:
-            if proposed:
-                uninstall_proposed()
+        timer = EpochTimer()
+        model.fit(inputs, epochs=epochs, verbose=0, callbacks=[timer], **fit_kwargs)
         return _roofline.Rate(
             len(images) / statistics.median(timer.times),
             len(images) / statistics.median(timer.cpu_times),
@@ -180,24 +113,43 @@ def make_fit_config(images, batch_size, epochs, compile_kwargs, feed, proposed=F
     return measure, model
 
 
-def make_step_loop(images, batch_size, steps, proposed=False, jit_compile=False):
-    """`train_step` looped inside one tf.function on one in-memory batch: no fit, no pipeline."""
+def make_step_loop(images, batch_size, steps, jit_compile=False):
+    """`train_step` looped inside one tf.function on one in-memory batch: no fit, no pipeline.
+
+    With `jit_compile=True` the loop is one XLA computation, its noise drawn before it (as the
+    XLA blocks of `fit` do): the step itself, with nothing around it.
+    """
     import tensorflow as tf
 
-    import keras_aevb
     from keras_aevb import data
 
-    model = keras_aevb.paper_model("mnist", latent_dim=20, seed=0)
-    model.compile(optimizer=FusedAdagrad(0.02) if proposed else keras_aevb.paper_optimizer())
+    model = build_model()
+    model.compile(optimizer=__import__("keras_aevb").paper_optimizer())
     model.optimizer.build(model.trainable_variables)
     batch = tf.constant(data.binarize(images[:batch_size], "static", seed=0))
 
-    @tf.function(jit_compile=jit_compile)
-    def loop(n):
-        loss = tf.constant(0.0)
-        for _ in tf.range(n):
-            loss = model.train_step(batch)["loss"]
-        return loss
+    if jit_compile:
+        eps = model._block_noise(steps, batch_size)
+
+        @tf.function(jit_compile=True)
+        def xla_loop(eps):
+            _, loss = tf.while_loop(
+                lambda k, loss: k < steps,
+                lambda k, loss: (k + 1, model._train_step(batch, None, eps[k])["loss"]),
+                (tf.constant(0), tf.constant(0.0)),
+            )
+            return loss
+
+        def loop(n):
+            return xla_loop(eps)
+    else:
+
+        @tf.function
+        def loop(n):
+            loss = tf.constant(0.0)
+            for _ in tf.range(n):
+                loss = model.train_step(batch)["loss"]
+            return loss
 
     loop(tf.constant(2))
 
@@ -211,7 +163,7 @@ def make_step_loop(images, batch_size, steps, proposed=False, jit_compile=False)
     return measure
 
 
-def make_matmul_only_loop(batch_size, steps):
+def make_matmul_only_loop(batch_size, steps, jit_compile=False):
     """Only the 11 matrix products of a training step (forward, weight and input gradients).
 
     The ceiling of any implementation on TensorFlow's kernels: everything else removed.
@@ -224,7 +176,7 @@ def make_matmul_only_loop(batch_size, steps):
     w1, w2 = tf.random.normal((784, 500)), tf.random.normal((500, 40))
     w3, w4 = tf.random.normal((20, 500)), tf.random.normal((500, 784))
 
-    @tf.function
+    @tf.function(jit_compile=jit_compile)
     def loop(n):
         total = tf.constant(0.0)
         for _ in tf.range(n):
@@ -298,7 +250,7 @@ OP_GROUPS = {
 }
 
 
-def profile_step(images, batch_size, steps, proposed=False):
+def profile_step(images, batch_size, steps):
     """Self time per op type of `steps` train steps, from the TensorFlow profiler.
 
     Returns a list of (share of all op time, milliseconds per step, op type, example op name),
@@ -312,18 +264,12 @@ def profile_step(images, batch_size, steps, proposed=False):
     import tensorflow as tf
     from tensorflow.python.profiler.internal import _pywrap_profiler_plugin
 
-    if proposed:
-        install_proposed()
-    try:
-        loop = make_step_loop(images, batch_size, steps, proposed=proposed)
-        loop()
-        logdir = tempfile.mkdtemp(prefix="aevb_profile_")
-        tf.profiler.experimental.start(logdir)
-        loop()
-        tf.profiler.experimental.stop()
-    finally:
-        if proposed:
-            uninstall_proposed()
+    loop = make_step_loop(images, batch_size, steps)
+    loop()
+    logdir = tempfile.mkdtemp(prefix="aevb_profile_")
+    tf.profiler.experimental.start(logdir)
+    loop()
+    tf.profiler.experimental.stop()
     path = sorted(glob.glob(f"{logdir}/**/*.xplane.pb", recursive=True))[-1]
     raw, _ = _pywrap_profiler_plugin.xspace_to_tools_data([path], "framework_op_stats", {})
     table = json.loads(raw)[0]
@@ -353,13 +299,13 @@ def profile_step(images, batch_size, steps, proposed=False):
 def ceilings(images, m, args):
     """fit at the defaults against the step with less and less around it (same run)."""
     steps = max(20, 10_000 // m)
-    configs = {"matmuls only": make_matmul_only_loop(m, steps)}
+    configs = {}
+    for jit in (False, True):
+        configs[f"matmuls only jit={jit}"] = make_matmul_only_loop(m, steps, jit)
     for jit in (False, True):
         configs[f"plain TF step jit={jit}"] = make_plain_tf_loop(m, steps, jit)
         configs[f"train_step loop jit={jit}"] = make_step_loop(images, m, steps, jit_compile=jit)
-    configs["fit spe=100"], _ = make_fit_config(
-        images, m, args.epochs, {"steps_per_execution": 100}, "dataset"
-    )
+    configs["fit, defaults"], _ = make_fit_config(images, m, args.epochs, {}, "dataset")
     results = _roofline.interleaved(configs, args.repeats)
     _roofline.print_peaks(results)
     print()
@@ -383,7 +329,6 @@ def main(argv=None):
     parser.add_argument("--batch-sizes", default="100,500,1000")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--quick", action="store_true", help="fewer configs and examples")
-    parser.add_argument("--proposed", action="store_true", help="also measure proposed changes")
     parser.add_argument(
         "--profile", action="store_true", help="only print where a step's time goes (M = first)"
     )
@@ -413,11 +358,9 @@ def main(argv=None):
 
     m = batch_sizes[0]
     if args.profile:
-        for proposed in (False, True):
-            label = "with the proposed changes" if proposed else "as the library is"
-            print(f"\nwhere a training step's time goes at M = {m}, {label} (TF profiler):")
-            for share, ms, group in profile_step(images, m, 50, proposed=proposed):
-                print(f"  {share:6.1%}  {ms:6.2f} ms/step  {group}")
+        print(f"\nwhere a training step's time goes at M = {m}, without XLA (TF profiler):")
+        for share, ms, group in profile_step(images, m, 50):
+            print(f"  {share:6.1%}  {ms:6.2f} ms/step  {group}")
         return None
 
     if args.ceilings:
@@ -426,26 +369,25 @@ def main(argv=None):
     configs, notes = {}, {}
     configs[f"defaults M={m}"], model = make_fit_config(images, m, args.epochs, {}, "dataset")
     notes[f"defaults M={m}"] = (
-        f"jit_compile={model.jit_compile}, steps_per_execution={model.steps_per_execution}"
+        f"xla_blocks={model.xla_blocks}, jit_compile={model.jit_compile}, "
+        f"steps_per_execution={model.steps_per_execution}"
     )
     configs[f"defaults numpy M={m}"], _ = make_fit_config(images, m, args.epochs, {}, "numpy")
-    grid = [(False, 1), (True, 1), (False, 100), (True, 100)]
-    if not args.quick:
-        grid[2:2] = [(False, 10)]
-    for jit, spe in grid:
-        kwargs = {"jit_compile": jit, "steps_per_execution": spe}
-        configs[f"jit={jit} spe={spe} M={m}"], _ = make_fit_config(
+    spes = (1, 100) if args.quick else (1, 10, 100)
+    for spe in spes:
+        kwargs = {"jit_compile": False, "steps_per_execution": spe}
+        configs[f"jit=False spe={spe} M={m}"], _ = make_fit_config(
             images, m, args.epochs, kwargs, "dataset"
         )
+    configs[f"keras loop M={m}"], _ = make_fit_config(
+        images, m, args.epochs, {}, "dataset", keras_loop=True
+    )
+    configs[f"keras adagrad M={m}"], _ = make_fit_config(
+        images, m, args.epochs, {}, "dataset",
+        optimizer=keras.optimizers.Adagrad(0.02, initial_accumulator_value=0.0, epsilon=1e-8),
+    )  # fmt: skip
     for b in batch_sizes[1:]:
         configs[f"defaults M={b}"], _ = make_fit_config(images, b, args.epochs, {}, "dataset")
-    if args.proposed:
-        # The proposed defaults: steps_per_execution=100 (with fit keeping steps_per_epoch
-        # exact, .notes/speed_fit_guard.diff), fused Adagrad, closed-form Bernoulli.
-        for b in batch_sizes[:1] + batch_sizes[-1:]:
-            configs[f"proposed M={b}"], _ = make_fit_config(
-                images, b, args.epochs, {"steps_per_execution": 100}, "dataset", proposed=True
-            )
 
     results = _roofline.interleaved(configs, args.repeats)
     _roofline.print_peaks(results)

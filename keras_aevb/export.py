@@ -77,20 +77,21 @@ class AEVBServingModule(tf.Module):
         x_spec = tf.TensorSpec([None, *event_shape], tf.float32, name="x")
         z_spec = tf.TensorSpec([None, model.latent_dim], tf.float32, name="z")
         # autograph=False: the bodies have no data-dependent Python control flow; the traced
-        # graphs are what one reads in the code. (`sample` below is the exception.)
+        # graphs are what one reads in the code (and AutoGraph's conversion cache, keyed on code
+        # objects, once handed `sample` another method's conversion in a long test session).
         self.serving_default = tf.function(
             self._serving_default, input_signature=[x_spec], autograph=False
         )
         self.encode = tf.function(self._encode, input_signature=[x_spec], autograph=False)
         self.decode = tf.function(self._decode, input_signature=[z_spec], autograph=False)
-        # AutoGraph here: it turns the `int(num_samples)` of AEVB.sample_z into a cast, so the
-        # count stays a dynamic graph input.
+        # num_samples stays a dynamic graph input: sample_prior takes it as a tensor.
         self.sample = tf.function(
             self._sample,
             input_signature=[
                 tf.TensorSpec([], tf.int32, name="num_samples"),
                 tf.TensorSpec([2], tf.int32, name="seed"),
             ],
+            autograph=False,
         )
         self.score = tf.function(self._score, input_signature=[x_spec], autograph=False)
         # Recorded in the SavedModel (loaded.score_num_samples, loaded.score_seed) so a deployment

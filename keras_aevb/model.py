@@ -357,6 +357,9 @@ class AEVB(keras.Model):
             jit_compile=jit_compile,
             **kwargs,
         )
+        # Keras saves the resolved value (False on a CPU for "auto"); a loaded model must
+        # resolve "auto" again, or it would lose its XLA blocks.
+        self._compile_config.config["jit_compile"] = jit_compile
 
     def compile_from_config(self, config):
         """Recompiles a loaded model (Keras skips models whose `compile` is overridden)."""
@@ -494,7 +497,7 @@ class AEVB(keras.Model):
         (the map the 2-D manifold of Fig. 4 uses), else `prior.sample`.
         """
         seed = _stateless(seed) if seed is not None else stateless_seed(self.prior_seed_generator)
-        return sample_prior(self.prior_distribution, int(num_samples), seed)
+        return sample_prior(self.prior_distribution, num_samples, seed)
 
     def sample(self, num_samples, seed=None):
         """Decoder means at z ~ p(z): new data from the generative model (paper Fig. 5)."""

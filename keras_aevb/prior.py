@@ -307,13 +307,15 @@ def sample_prior(prior_dist, num_samples, seed):
 
     Args:
         prior_dist: p(z), event shape `[latent_dim]`.
-        num_samples: number of draws.
+        num_samples: number of draws: an int, or a scalar int32 tensor (a graph input, as in
+            the exported `sample` signature).
         seed: stateless int32 pair.
     """
+    num_samples = num_samples if tf.is_tensor(num_samples) else int(num_samples)
     if has_quantile(prior_dist):
-        shape = [int(num_samples), *prior_dist.event_shape.as_list()]
+        shape = [num_samples, *prior_dist.event_shape.as_list()]
         return prior_quantile(prior_dist, uniform_noise(shape, prior_dist.dtype, seed))
-    return prior_dist.sample(int(num_samples), seed=seed)
+    return prior_dist.sample(num_samples, seed=seed)
 
 
 @keras.saving.register_keras_serializable(package="keras_aevb")

@@ -82,14 +82,18 @@ def test_weight_decay_changes_the_trajectory(binary_data):
 def test_compile_defaults_and_explicit_values():
     model = tiny_model()
     model.compile(optimizer=keras_aevb.paper_optimizer())
-    assert model.steps_per_execution == DEFAULT_STEPS_PER_EXECUTION
+    assert model.steps_per_execution == DEFAULT_STEPS_PER_EXECUTION == 100
+    # "auto": training in XLA blocks; single steps follow Keras's rule (no XLA on a CPU, where
+    # per-step XLA measured no faster than TensorFlow's kernels for this model).
+    assert model.xla_blocks and model._uses_xla_blocks()
     if not tf.config.list_physical_devices("GPU"):
-        # XLA off on CPU: measured slower than TensorFlow's own kernels for this model.
         assert model.jit_compile is False
     model.compile(optimizer=keras_aevb.paper_optimizer(), steps_per_execution=7, jit_compile=True)
-    assert model.steps_per_execution == 7 and model.jit_compile is True
+    assert model.steps_per_execution == 7 and model.jit_compile is True and model.xla_blocks
+    model.compile(optimizer=keras_aevb.paper_optimizer(), jit_compile=False)
+    assert not model.xla_blocks and model.jit_compile is False
     model.compile(optimizer=keras_aevb.paper_optimizer(), run_eagerly=True)
-    assert model.steps_per_execution == 1 and model.run_eagerly
+    assert model.steps_per_execution == 1 and model.run_eagerly and not model.xla_blocks
 
 
 def test_default_fit_runs_exactly_steps_per_epoch(binary_data):
@@ -128,6 +132,8 @@ def test_saved_model_is_recompiled_with_its_settings(binary_data, tmp_path):
     model.save(tmp_path / "model.keras")
     loaded = keras.saving.load_model(tmp_path / "model.keras")
     assert loaded.compiled and loaded.steps_per_execution == 3
+    assert loaded.xla_blocks and loaded.jit_compile == model.jit_compile  # "auto" resolved again
+    assert isinstance(loaded.optimizer, keras_aevb.FusedAdagrad)
     assert loaded.optimizer.get_config()["initial_accumulator_value"] == 0.0
     # The optimizer's state came back: the accumulators equal the trained model's.
     for a, b in zip(loaded.optimizer.variables, model.optimizer.variables, strict=True):
