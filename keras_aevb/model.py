@@ -250,11 +250,14 @@ class AEVB(keras.Model):
 
     def _uses_xla_blocks(self):
         # Only this class's train_step is written as `_train_step(x, None, eps)`; subclasses
-        # that override train_step (the baselines) run their own step.
+        # that override train_step (the baselines) run their own step. A layer that declares
+        # `supports_jit = False` (Keras's flag for ops XLA cannot compile) turns blocks off, as
+        # it turns off Keras's own "auto".
         return (
             getattr(self, "xla_blocks", False)
             and self.posterior_layer.has_explicit_g
             and type(self).train_step is AEVB.train_step
+            and all(getattr(layer, "supports_jit", True) for layer in self._flatten_layers())
         )
 
     def make_train_function(self, force=False):

@@ -103,6 +103,13 @@ def test_implicit_families_train_without_blocks(binary_data, posterior):
     assert int(model.optimizer.iterations.numpy()) == 12
 
 
+def test_a_layer_without_jit_support_turns_blocks_off():
+    model = tiny_model()
+    model.decoder.supports_jit = False  # Keras's flag for layers with ops XLA cannot compile
+    model.compile(optimizer=keras_aevb.paper_optimizer())
+    assert model.xla_blocks and not model._uses_xla_blocks()
+
+
 @pytest.mark.parametrize("steps_per_execution", [1, 4, 100])
 @pytest.mark.parametrize("steps_per_epoch", [1, 3, 7])
 def test_fit_runs_exactly_steps_per_epoch(binary_data, steps_per_execution, steps_per_epoch):
