@@ -74,8 +74,9 @@ def make_execution_function(model, step_function, mode, jit_step=False, block=No
         mode: "train" or "test" (which count of `_execution_state` bounds the execution).
         jit_step: compile each single step with XLA (Keras's `jit_compile=True`).
         block: None, or `(block_step, draw_noise)` for XLA blocks: `block_step(x, eps)` runs one
-            training step on batch x with noise eps and returns the logs; `draw_noise(shape)`
-            draws eps for `shape = [steps, L, batch, latent_dim]` outside XLA.
+            training step on batch x with noise eps and returns the logs;
+            `draw_noise(steps, batch_size)` draws eps `[steps, L, batch_size, latent_dim]`
+            outside XLA.
     """
     one_step = tf.function(step_function, reduce_retracing=True, jit_compile=bool(jit_step))
 
