@@ -106,7 +106,7 @@ class WakeSleep(_Baseline):
 
     def train_step(self, data):
         x, sample_weight = _unpack(data)
-        x = self._as_event(x)
+        x = self._check_step_data(x)
         batch = ops.shape(x)[0]
         with tf.GradientTape() as tape:
             # Wake: z ~ q(z|x), fixed; theta ascends log p(x|z) (log p(z) has no theta).
@@ -298,7 +298,7 @@ class MonteCarloEM(_Baseline):
 
     def train_step(self, data):
         x, index, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        x = self._as_event(x)
+        x = self._check_step_data(x)
         index = ops.cast(ops.reshape(index, (-1,)), "int32")
         log_joint = log_joint_fn(self, x)
 

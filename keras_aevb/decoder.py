@@ -158,14 +158,21 @@ class BernoulliDecoder(_MLPDecoder):
         """Pixel probabilities y = sigmoid(logits)."""
         return ops.sigmoid(logits)
 
+    # The support of p(x|z): data outside it are refused (keras_aevb.inputs).
+    data_range = (0.0, 1.0)
+
+    def range_message(self, low, high):
+        """The error for data with values in [low, high], outside `data_range`."""
+        return (
+            f"BernoulliDecoder needs data in [0, 1], got values in [{low:g}, {high:g}]: "
+            "scale the images (e.g. divide 8-bit pixels by 255) and " + BINARIZATION_HINT + "."
+        )
+
     def check_data(self, x):
         """Refuses values outside [0, 1]; warns (returns a message) for grey values."""
         low, high = float(np.min(x)), float(np.max(x))
         if low < 0.0 or high > 1.0:
-            raise ValueError(
-                f"BernoulliDecoder needs data in [0, 1], got values in [{low:g}, {high:g}]: "
-                "scale the images (e.g. divide 8-bit pixels by 255) and " + BINARIZATION_HINT + "."
-            )
+            raise ValueError(self.range_message(low, high))
         if np.any((x != 0.0) & (x != 1.0)):
             return (
                 "Grey (non-binary) values fed to a BernoulliDecoder: the bound is then not a "
@@ -229,6 +236,10 @@ class GaussianDecoder(_MLPDecoder):
 
     def mean(self, outputs):
         return outputs["x_mean"]
+
+    # A density on the real line: any finite value can be scored (data outside [0, 1] only
+    # draw a warning from check_data).
+    data_range = None
 
     def check_data(self, x):
         low, high = float(np.min(x)), float(np.max(x))

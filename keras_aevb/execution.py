@@ -32,6 +32,66 @@ import tensorflow as tf
 MAX_BLOCK_BYTES = 64 * 2**20
 
 
+class DataGuard:
+    """Records the first batch of an execution whose data the model refuses (keras_aevb.inputs).
+
+    Each step of an execution calls `record` with its batch's statistics (in the compiled step,
+    XLA blocks included: a variable update, no assertion, which XLA would drop). After the
+    execution, `failure()` says which step failed; the execution function then restores the
+    state it had before the execution and raises `DataError` naming the batch.
+    """
+
+    def __init__(self):
+        self.steps = tf.Variable(0, dtype=tf.int32, trainable=False, name="guard_steps")
+        # [step of the first bad batch (-1: none), its sum, min and max]
+        self.first = tf.Variable([-1.0, 0.0, 0.0, 0.0], trainable=False, name="guard_first")
+        self.active = False  # read when a step is traced: whether it runs in an execution here
+
+    def reset(self):
+        self.steps.assign(0)
+        self.first.assign([-1.0, 0.0, 0.0, 0.0])
+
+    def record(self, bad, statistics):
+        step = tf.cast(self.steps.assign_add(1), tf.float32) - 1.0
+        first = self.first.read_value()
+        entry = tf.concat([tf.reshape(step, [1]), tf.cast(statistics, tf.float32)], axis=0)
+        self.first.assign(tf.where((first[0] < 0.0) & bad, entry, first))
+
+    def failure(self):
+        """`(step in the execution, statistics)` of the first bad batch, or None."""
+        first = self.first.numpy()
+        return None if first[0] < 0 else (int(first[0]), first[1:])
+
+
+def data_guard(model):
+    """The model's `DataGuard` (created once, outside any function; not saved with the model)."""
+    guard = model.__dict__.get("_keras_aevb_data_guard")
+    if guard is None:
+        with tf.init_scope():
+            guard = model.__dict__["_keras_aevb_data_guard"] = DataGuard()
+    return guard
+
+
+def active_guard(model):
+    """The guard of the execution being traced or run, or None (Keras's own loops)."""
+    guard = model.__dict__.get("_keras_aevb_data_guard")
+    return guard if guard is not None and guard.active else None
+
+
+def _training_state(model):
+    """Everything a training execution changes: weights, optimizer, noise generators' states."""
+    variables = list(model.variables)
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is not None:
+        variables += list(optimizer.variables)
+    # Monte Carlo EM's recognition model has an optimizer of its own.
+    recognition = getattr(model, "recognition_optimizer", None)
+    if recognition is not None:
+        variables += list(recognition.variables)
+    unique = {id(v): v for v in variables}
+    return list(unique.values())
+
+
 class ExecutionCursor(keras.callbacks.Callback):
     """Tells the model's execution functions where in the epoch each execution starts.
 
@@ -46,6 +106,7 @@ class ExecutionCursor(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         self.state["train_begin"] = 0
+        self.state["epoch"] = int(epoch)
 
     def on_train_batch_begin(self, batch, logs=None):
         self.state["train_begin"] = int(batch)
@@ -98,7 +159,9 @@ def make_execution_function(model, step_function, mode, jit_step=False, block=No
 
     run_blocks = _make_block_runner(model, one_step, *block) if block else None
 
-    def function(iterator):
+    guard = data_guard(model)
+
+    def run(iterator):
         if not isinstance(iterator, tf.data.Iterator | tf.distribute.DistributedIterator):
             # train_on_batch / test_on_batch pass a Python generator of one batch.
             logs = None
@@ -110,7 +173,47 @@ def make_execution_function(model, step_function, mode, jit_step=False, block=No
             return run_blocks(iterator, tf.constant(limit))
         return run_steps(iterator, tf.constant(limit))
 
+    def function(iterator):
+        # The state to restore if a batch of this execution holds bad data: copies (DeepCopy),
+        # since XLA and the fused optimizer kernels may update a variable's buffer in place.
+        saved = None
+        if mode == "train":
+            optimizer = getattr(model, "optimizer", None)
+            if optimizer is not None and not optimizer.built:
+                optimizer.build(model.trainable_variables)  # its state is saved too
+            variables = _training_state(model)
+            saved = [tf.raw_ops.DeepCopy(x=tf.convert_to_tensor(v)) for v in variables]
+        guard.reset()
+        guard.active = True
+        try:
+            logs = run(iterator)
+        finally:
+            guard.active = False
+        failure = guard.failure()
+        if failure is not None:
+            if saved is not None:
+                for variable, value in zip(variables, saved, strict=True):
+                    variable.assign(value)
+            _raise_data_error(model, mode, *failure)
+        return logs
+
     return function
+
+
+def _raise_data_error(model, mode, step, statistics):
+    from keras_aevb.data import DataError
+    from keras_aevb.inputs import statistics_error
+
+    state = model._execution_state
+    batch = state.get(f"{mode}_begin", 0) + step + 1
+    if mode == "train":
+        where = f"batch {batch} of epoch {state.get('epoch', 0) + 1}"
+        undone = "the weights are as they were before this execution's first step"
+    else:
+        where = f"batch {batch} of {'the validation data' if state.get('fitting') else 'evaluate'}"
+        undone = "nothing was changed"
+    message = statistics_error(model.decoder, statistics)
+    raise DataError(f"{where}: {message} ({undone}).")
 
 
 def _bounded_fetch(iterator, limit):

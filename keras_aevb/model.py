@@ -9,7 +9,8 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from keras_aevb import execution
+from keras_aevb import execution, inputs
+from keras_aevb.data import DataError
 from keras_aevb.estimator import ESTIMATOR_NAMES, resolve_estimator, sgvb_terms
 from keras_aevb.posterior import ReparameterizedPosterior, stateless_seed
 from keras_aevb.prior import check_support, make_prior, sample_prior
@@ -148,26 +149,46 @@ class AEVB(keras.Model):
         self.build(config["input_shape"])
 
     def call(self, x, training=False):
-        """Reconstruction: decoder mean at the posterior mean (training=False) or a sample."""
+        """Reconstruction `[batch, *event_shape]`: the decoder mean at the posterior mean.
+
+        With `training=True`, at one sample z ~ q(z|x) instead. One z per example for every L
+        (`num_samples`): L is the number of samples of the bound, not of the reconstruction.
+        """
         x = self._as_event(x)
         params = self.encoder(x, training=training)
-        z = self.posterior_layer(params, deterministic=not training)
+        if training:
+            z = self.posterior_layer.sample(params, num_samples=1)[0]
+        else:
+            z = self.posterior_layer.mean(params)
         return self.decoder.mean(self.decoder(z, training=training))
 
     def _as_event(self, x):
-        """Reshapes x to `[batch, *event_shape]`; (28, 28), (28, 28, 1) and (784,) all fit."""
+        """x as `[batch, *event_shape]`, checked (keras_aevb.inputs).
+
+        Takes the event shape, the event shape plus a trailing 1, or flat examples
+        ((28, 28), (28, 28, 1) or (784,) for MNIST) and refuses any other layout. Eager values
+        are checked here too (NaN, inf, the decoder's support); inside a compiled step the
+        step's own check (`_check_step_data`) sees every batch.
+        """
         x = ops.convert_to_tensor(x)
         if x.dtype != self.compute_dtype:
             x = ops.cast(x, self.compute_dtype)
-        shape = tuple(x.shape[1:])
-        if shape == self.event_shape:
-            return x
-        if None not in shape and math.prod(shape) == math.prod(self.event_shape):
+        if x.shape.rank is None:
+            # A step traced for several layouts (reduce_retracing): fit and evaluate hand it
+            # batches already in the event shape (`_event_data`), so only the batch size is new.
             return ops.reshape(x, (-1, *self.event_shape))
-        raise ValueError(
-            f"Expected examples of shape {self.event_shape} ({math.prod(self.event_shape)} "
-            f"values; any shape with that many values is accepted), got {shape}."
-        )
+        inputs.event_layout(x.shape[1:], self.event_shape)
+        if isinstance(x, tf.Tensor) and hasattr(x, "numpy") and tf.executing_eagerly():
+            self._check_values(x.numpy())
+        if tuple(x.shape[1:]) == self.event_shape:
+            return x
+        return ops.reshape(x, (-1, *self.event_shape))
+
+    def _check_values(self, x):
+        """Raises `DataError` for NaN, inf or values outside the decoder's support."""
+        message = inputs.value_error(self.decoder, *inputs.array_statistics(x))
+        if message:
+            raise DataError(message)
 
     # ---------------------------------------------------------------- the bound
 
@@ -193,6 +214,7 @@ class AEVB(keras.Model):
 
     def _train_step(self, x, sample_weight, eps=None):
         """One step of Algorithm 1 on minibatch x; `eps`: the step's noise, drawn by the caller."""
+        x = self._check_step_data(x)
         # Under tf.distribute the replicas' gradients are summed: scale each replica's mean.
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
         with tf.GradientTape() as tape:
@@ -218,12 +240,41 @@ class AEVB(keras.Model):
 
     def test_step(self, data):
         x, sample_weight = _unpack(data)
+        x = self._check_step_data(x)
         terms = self._terms(x, training=False)
         return _reducible_logs(self._update_metrics(terms, sample_weight))
 
     def predict_step(self, data):
         x, _ = _unpack(data)
         return self(x, training=False)
+
+    def _check_step_data(self, x):
+        """The data check of every batch, inside the compiled step; returns x.
+
+        In keras_aevb's executions (`fit`/`evaluate` on one device) the first bad batch is
+        recorded and the execution raises `DataError` naming it, with the weights restored
+        (keras_aevb.execution.DataGuard): XLA drops assertions. Run eagerly, the step raises
+        at once; in Keras's own loop (a `tf.distribute` strategy) an assertion stops the step
+        before its update.
+        """
+        x = self._as_event(x)
+        statistics = inputs.batch_statistics(x)
+        guard = execution.active_guard(self)
+        if guard is not None:
+            guard.record(inputs.batch_is_bad(self.decoder, statistics), statistics)
+            return x
+        if tf.executing_eagerly():
+            message = inputs.statistics_error(self.decoder, statistics.numpy())
+            if message:
+                raise DataError(message)
+            return x
+        check = tf.debugging.Assert(
+            tf.logical_not(inputs.batch_is_bad(self.decoder, statistics)),
+            ["keras_aevb: a batch holds NaN, inf or values outside the decoder's support; "
+             "sum, min and max of the batch:", statistics],
+        )  # fmt: skip
+        with tf.control_dependencies([check]):
+            return tf.identity(x)
 
     def _update_metrics(self, terms, sample_weight):
         values = dict(terms, loss=-terms["elbo"])
@@ -385,14 +436,19 @@ class AEVB(keras.Model):
         validation_split=0.0,
         validation_data=None,
         shuffle=None,
+        sample_weight=None,
         steps_per_epoch=None,
         **kwargs,
     ):
-        self._check_data(x)
+        """`keras.Model.fit` with the data checked and sample weights kept without targets.
+
+        `sample_weight` weights each example's bound in the objective and the metrics (Keras
+        itself drops sample weights when `y` is None). A `tf.data.Dataset` carries them as
+        `(x, None, sample_weight)` elements.
+        """
+        x, y, sample_weight = self._event_data(x, y, sample_weight)
         if validation_data is not None:
-            self._check_data(
-                validation_data[0] if isinstance(validation_data, tuple) else validation_data
-            )
+            validation_data = self._event_validation_data(validation_data)
         if shuffle is None:
             # A dataset is shuffled by its own pipeline; Keras would warn that shuffle=True is
             # ignored on every call.
@@ -408,24 +464,42 @@ class AEVB(keras.Model):
                 validation_split=validation_split,
                 validation_data=validation_data,
                 shuffle=shuffle,
+                sample_weight=sample_weight,
                 steps_per_epoch=steps_per_epoch,
                 **kwargs,
             )
 
     def evaluate(
-        self, x=None, y=None, batch_size=None, verbose="auto", steps=None, callbacks=None, **kwargs
+        self,
+        x=None,
+        y=None,
+        batch_size=None,
+        verbose="auto",
+        sample_weight=None,
+        steps=None,
+        callbacks=None,
+        **kwargs,
     ):
-        self._check_data(x)
+        """`keras.Model.evaluate`: the metrics are the `sample_weight`-weighted means if given."""
+        x, y, sample_weight = self._event_data(x, y, sample_weight)
         with self._bounded_executions("test", x, batch_size, steps):
             return super().evaluate(
                 x=x,
                 y=y,
                 batch_size=batch_size,
                 verbose=verbose,
+                sample_weight=sample_weight,
                 steps=steps,
                 callbacks=self._with_cursor(callbacks),
                 **kwargs,
             )
+
+    def predict(self, x, batch_size=None, verbose="auto", steps=None, callbacks=None):
+        """Deterministic reconstructions `[N, *event_shape]` (the posterior mean; any L)."""
+        x, _, _ = self._event_data(x, None, None)
+        return super().predict(
+            x, batch_size=batch_size, verbose=verbose, steps=steps, callbacks=callbacks
+        )
 
     @contextlib.contextmanager
     def _bounded_executions(self, mode, x, batch_size, steps):
@@ -438,6 +512,8 @@ class AEVB(keras.Model):
         saved = dict(state), getattr(self, "steps_per_execution", 1)
         state[f"{mode}_steps"] = None if steps is None else int(steps)
         state[f"{mode}_begin"] = 0
+        if mode == "train":
+            state["fitting"] = True  # validation batches are named as such in data errors
         known = execution.steps_in(x, batch_size, steps)
         if known and self._runs_lean_executions() and known < self.steps_per_execution:
             self.steps_per_execution = known
@@ -459,8 +535,8 @@ class AEVB(keras.Model):
     def _check_data(self, x):
         """Refuses data the likelihood cannot score; warns once about data it scores poorly.
 
-        Checked on arrays in full and on the first batch of a `tf.data.Dataset` (cheap; the graph
-        itself holds no asserts, which XLA would drop).
+        Arrays are checked in full, a `tf.data.Dataset` on its first batch here and on every
+        batch inside the compiled step (`_check_step_data`).
         """
         if not self.built:
             # Keras's own symbolic build in fit() builds the layers but not the model flag,
@@ -469,15 +545,67 @@ class AEVB(keras.Model):
         sample = _peek(x)
         if sample is None:
             return
-        self._as_event(sample[:1])
-        if not np.all(np.isfinite(sample)):
-            raise ValueError("The data hold NaN or infinite values; the bound would be NaN.")
-        message = self.decoder.check_data(sample)
+        if sample.ndim >= 1:
+            inputs.event_layout(sample.shape[1:], self.event_shape)
+        self._check_values(sample)
+        message = self.decoder.check_data(sample) if sample.size else None
         if message:
             seen = self.__dict__.setdefault("_warned", set())
             if message not in seen:
                 seen.add(message)
-                warnings.warn(message, UserWarning, stacklevel=3)
+                warnings.warn(message, UserWarning, stacklevel=4)
+
+    def _event_data(self, x, y, sample_weight):
+        """`(x, y, sample_weight)` for Keras: x checked and in the event shape.
+
+        Arrays are reshaped here and datasets mapped (only where their layout differs), so a
+        compiled step sees `[batch, *event_shape]` whichever accepted layout came in: steps
+        traced for one layout then serve the others. Sample weights without targets get
+        placeholder targets, or Keras would drop the weights.
+        """
+        self._check_data(x)
+        if isinstance(x, tf.data.Dataset):
+            x = self._event_dataset(x)
+        elif isinstance(x, np.ndarray | tf.Tensor) and x.ndim >= 2:
+            if tuple(x.shape[1:]) != self.event_shape:
+                x = ops.reshape(x, (-1, *self.event_shape)) if isinstance(x, tf.Tensor) else (
+                    x.reshape((-1, *self.event_shape))
+                )
+        if sample_weight is not None and y is None and x is not None:
+            if isinstance(x, tf.data.Dataset):
+                raise ValueError(
+                    "sample_weight with a tf.data.Dataset: put the weights in the dataset, as "
+                    "(x, None, sample_weight) elements."
+                )
+            y = np.zeros((len(x),), np.float32)  # ignored by the steps; keeps the weights
+        return x, y, sample_weight
+
+    def _event_validation_data(self, validation_data):
+        if isinstance(validation_data, tuple | list):
+            x, *rest = validation_data
+            y = rest[0] if rest else None
+            weights = rest[1] if len(rest) > 1 else None
+            x, y, weights = self._event_data(x, y, weights)
+            return (x,) if y is None else (x, y) if weights is None else (x, y, weights)
+        return self._event_data(validation_data, None, None)[0]
+
+    def _event_dataset(self, dataset):
+        """The dataset with its examples in the event shape (a reshape, only where needed)."""
+        spec = dataset.element_spec
+        first = spec[0] if isinstance(spec, tuple) else spec
+        if not isinstance(first, tf.TensorSpec):
+            return dataset
+        if first.shape.rank is not None:
+            shape = inputs.event_layout(first.shape[1:], self.event_shape)
+            if shape == self.event_shape:
+                return dataset
+        event_shape = self.event_shape
+
+        def reshape(*element):
+            x = tf.reshape(element[0], (-1, *event_shape))
+            return x if len(element) == 1 else (x, *element[1:])
+
+        return dataset.map(reshape)
 
     # ---------------------------------------------------------------- user methods
 
@@ -603,11 +731,7 @@ def _is_default_strategy(strategy):
 
 
 def _stateless(seed):
-    if seed is None:
-        return None
-    if isinstance(seed, int):
-        return tf.constant([seed, 0], tf.int32)
-    return tf.cast(seed, tf.int32)
+    return inputs.check_seed(seed)
 
 
 def _peek(x):

@@ -1,0 +1,144 @@
+"""The one check of the data a model scores: layout, finite values, the likelihood's support.
+
+Every public entry point that scores data (`fit`, `evaluate`, `predict`, `elbo`, `encode`,
+`reconstruct`, `log_likelihood`, `hmc_log_likelihood`, and the baselines, which inherit them)
+goes through the functions here, so a problem gets the same message wherever it is found:
+
+- `event_layout`: an example must have the model's event shape, the event shape plus a
+  trailing 1 (a channel axis), or be flat (`(28, 28)`, `(28, 28, 1)`, `(784,)` for MNIST). Any
+  other shape is refused, even with the right number of values: a transposed `(20, 28)` Frey
+  Face batch would otherwise be reshaped into nonsense and scored silently.
+- `value_error`: NaN or infinite values, and values outside the decoder's support
+  (`decoder.data_range`: [0, 1] for a Bernoulli decoder), are errors.
+- `batch_statistics`: the three numbers the check needs, computed inside a compiled step for
+  every batch (sum, min, max: cheap reductions next to the step's matrix products; the sum is
+  finite exactly when every value is). `AEVB` records the first failing batch of an execution
+  and raises `DataError` naming it after the execution (keras_aevb.execution).
+"""
+
+import math
+
+import numpy as np
+import tensorflow as tf
+
+from keras_aevb.data import DataError
+
+__all__ = [
+    "DataError",
+    "accepted_layouts",
+    "batch_statistics",
+    "event_layout",
+    "value_error",
+]
+
+
+def accepted_layouts(event_shape):
+    """The example shapes a model with this event shape takes, in the order messages list them."""
+    event_shape = tuple(int(d) for d in event_shape)
+    layouts = [event_shape, (*event_shape, 1), (math.prod(event_shape),)]
+    return list(dict.fromkeys(layouts))  # a 1-D event: the flat layout is the event itself
+
+
+def layout_message(shape, event_shape):
+    names = [str(tuple(layout)) for layout in accepted_layouts(event_shape)]
+    listed = ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
+    return (
+        f"Expected examples of shape {listed}, got {tuple(shape)}: reshape the data to the "
+        "model's event shape (an array with the right number of values in another layout, "
+        "e.g. transposed, would be scored as nonsense)."
+    )
+
+
+def event_layout(shape, event_shape):
+    """Checks one example's shape (`x.shape[1:]`); returns it as a tuple.
+
+    Raises:
+        ValueError: a shape other than the three accepted layouts.
+    """
+    shape = tuple(None if d is None else int(d) for d in shape)
+    if None in shape:
+        # Unknown sizes (a symbolic batch): the step checks the real shape when it runs.
+        return shape
+    if shape not in accepted_layouts(event_shape):
+        raise ValueError(layout_message(shape, event_shape))
+    return shape
+
+
+def value_error(decoder, nonfinite, low, high):
+    """The message for data the decoder cannot score, or None.
+
+    Args:
+        decoder: the model's decoder (its `data_range` is the support of p(x|z), or None).
+        nonfinite: whether some value is NaN or infinite.
+        low, high: the smallest and largest finite value seen.
+    """
+    if nonfinite:
+        return (
+            "The data hold NaN or infinite values; the bound would be NaN and training would "
+            "turn every weight into NaN: remove or impute them."
+        )
+    data_range = getattr(decoder, "data_range", None)
+    if data_range is not None and (low < data_range[0] or high > data_range[1]):
+        return decoder.range_message(low, high)
+    return None
+
+
+def array_statistics(x):
+    """`(nonfinite, low, high)` of a NumPy array (low/high over its finite values)."""
+    x = np.asarray(x)
+    finite = np.isfinite(x)
+    nonfinite = not bool(np.all(finite))
+    values = x[finite] if nonfinite else x
+    if values.size == 0:
+        return nonfinite, 0.0, 0.0
+    return nonfinite, float(np.min(values)), float(np.max(values))
+
+
+def batch_statistics(x):
+    """float32 `[3]`: sum, min and max of a batch, for the in-step check.
+
+    The sum is NaN or infinite exactly when some value is (a sum of finite float32 values this
+    size cannot overflow: |x| <= 1 for Bernoulli data), so three reductions cover NaN, inf and
+    the support.
+    """
+    x = tf.cast(tf.reshape(x, [-1]), tf.float32)
+    return tf.stack([tf.reduce_sum(x), tf.reduce_min(x), tf.reduce_max(x)])
+
+
+def statistics_error(decoder, statistics):
+    """`value_error` from `batch_statistics`' three numbers (NumPy)."""
+    total, low, high = (float(v) for v in statistics)
+    return value_error(decoder, not math.isfinite(total), low, high)
+
+
+def batch_is_bad(decoder, statistics):
+    """In-graph bool: whether `batch_statistics` show data `value_error` would refuse."""
+    total, low, high = tf.unstack(statistics)
+    bad = tf.logical_not(tf.math.is_finite(total))
+    data_range = getattr(decoder, "data_range", None)
+    if data_range is not None:
+        bad = bad | (low < data_range[0]) | (high > data_range[1])
+    return bad
+
+
+def check_seed(seed):
+    """Accepts seeds of every integer type (Python, NumPy) and int32 pairs; returns int32 `[2]`.
+
+    Raises:
+        ValueError: a float, a string, a bool or anything else that is not an integer seed.
+    """
+    if seed is None:
+        return None
+    if isinstance(seed, bool | np.bool_):
+        raise ValueError(f"seed must be an integer or a pair of integers, got {seed!r}.")
+    if isinstance(seed, int | np.integer):
+        return tf.constant([int(seed) % 2**31, 0], tf.int32)
+    if isinstance(seed, tf.Tensor | tf.Variable | np.ndarray | list | tuple):
+        dtype = getattr(seed, "dtype", None)
+        if dtype is None:
+            dtype = np.asarray(seed).dtype
+        shape = tuple(seed.shape) if hasattr(seed, "shape") else np.shape(seed)
+        if not tf.as_dtype(dtype).is_integer or shape != (2,):
+            raise ValueError(f"seed must be an integer or a pair of integers, got {seed!r}.")
+        return tf.cast(seed, tf.int32)
+    raise ValueError(f"seed must be an integer or a pair of integers, got {seed!r}.")
