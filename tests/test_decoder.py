@@ -90,3 +90,32 @@ def test_bernoulli_closed_form_equals_tfp_log_prob_and_its_gradient():
     np.testing.assert_allclose(
         tape.gradient(ours, logits).numpy(), tape.gradient(theirs, logits).numpy(), atol=1e-6
     )
+
+
+def test_max_log_likelihood_is_the_largest_value_log_p_x_given_z_takes():
+    # Bernoulli: a log probability, 0 exactly at certain and right logits (e^-100 below it).
+    bernoulli = keras_aevb.BernoulliDecoder((2, 3), (4,))
+    assert bernoulli.max_log_likelihood == 0.0
+    x = np.array([[[0, 1, 1], [1, 0, 0]]], np.float32)
+    best = bernoulli.log_likelihood(x, tf.constant(200.0 * x - 100.0)).numpy()
+    assert best[0] <= 0.0 and best[0] > -1e-30
+    # Grey data: each pixel at most x log x + (1 - x) log(1 - x) < 0, reached at l = logit(x).
+    grey = np.full((1, 2, 3), 0.3, np.float32)
+    at_logit = bernoulli.log_likelihood(grey, tf.constant(np.log(0.3 / 0.7), shape=(1, 2, 3)))
+    np.testing.assert_allclose(at_logit, 6 * (0.3 * np.log(0.3) + 0.7 * np.log(0.7)), rtol=1e-6)
+    # Gaussian: x at the mean with the variance at its floor, for a 28 x 20 frame:
+    # 560 * (-log(2 pi) / 2 - floor / 2), floor = -9 - log1p(e^-12) (soft clip's infimum).
+    gaussian = keras_aevb.GaussianDecoder((28, 20), (4,))
+    floor = -9.0 - np.log1p(np.exp(-12.0))
+    expected = 560 * (-0.5 * np.log(2 * np.pi) - 0.5 * floor)
+    np.testing.assert_allclose(gaussian.max_log_likelihood, expected, rtol=1e-12)
+    np.testing.assert_allclose(gaussian.max_log_likelihood, 2005.3961, atol=1e-4)
+    outputs = gaussian(np.zeros((1, 2), np.float32))
+    # The decoder's own clip at a raw log-variance of -1e4 reaches the floor: float32
+    # rounding of 560 terms of ~3.6 nats (rtol 1e-5) leaves it within the stated maximum.
+    raw_floor = keras_aevb.families.soft_clip(tf.constant(-1e4), -9.0, 3.0)
+    peak = gaussian.log_likelihood(
+        outputs["x_mean"].numpy(),
+        {"x_mean": outputs["x_mean"], "x_log_var": tf.fill((1, 28, 20), raw_floor)},
+    ).numpy()[0]
+    np.testing.assert_allclose(peak, gaussian.max_log_likelihood, rtol=1e-5)
