@@ -515,6 +515,36 @@ def evaluate_bound(model, x, batch_size=100):
         return float(model.evaluate(dataset, verbose=0, return_dict=True)["elbo"])
 
 
+def bound_divergence(bound, decoder):
+    """Why a reported bound means that training diverged, or None where the value is possible.
+
+    The one rule of the step-size search (`select_learning_rate`) and of the divergence check
+    of `train` (`RunRecorder`): a bound that is NaN or infinite, or above the largest
+    log-likelihood the decoder can give (`decoder.max_log_likelihood`: 0 nats for a Bernoulli
+    decoder, whose log p(x|z) is a log probability; None: no ceiling known), since
+    ELBO <= log p(x) <= that maximum. A bound above it is not a good bound but a wrong one
+    (DESIGN 9: a posterior whose log q did not describe its samples reported +1e20 nats on
+    binary data, and a search that picks the best bound picked that step size).
+
+    Args:
+        bound: the bound in nats per datapoint.
+        decoder: the model's decoder (anything with an optional `max_log_likelihood`).
+
+    Returns:
+        None, or a sentence naming the problem (for error messages).
+    """
+    bound = float(bound)
+    if not math.isfinite(bound):
+        return f"the bound is {bound}"
+    ceiling = getattr(decoder, "max_log_likelihood", None)
+    if ceiling is not None and bound > ceiling:
+        return (
+            f"the bound is {bound:.6g} nats, above {ceiling:g}, the largest log-likelihood a "
+            f"{type(decoder).__name__} can give: an impossible value"
+        )
+    return None
+
+
 # -------------------------------------------------------------------------- step size
 
 
@@ -535,8 +565,9 @@ def select_learning_rate(
     Each candidate trains a fresh model from the same initial weights, on the same data stream
     and noise, for `steps` steps; the bound is then measured on `eval_x` (training examples,
     the paper's "performance on the training set"). Candidates whose bound is NaN, infinite,
-    or no better than at initialization are rejected: plain Adagrad at 0.1 can blow up from
-    the paper's initialization (DESIGN 9).
+    impossible (above the decoder's largest log-likelihood, e.g. > 0 on binary data: see
+    `bound_divergence`) or no better than at initialization are rejected: plain Adagrad at 0.1
+    can blow up from the paper's initialization (DESIGN 9).
 
     Args:
         build: a function returning a fresh, built, uncompiled model.
@@ -581,7 +612,9 @@ def select_learning_rate(
     if not accepted:
         raise ValueError(
             f"every learning rate diverged in the first {steps} steps ({report}; bound at "
-            f"initialization {initial_bound:.2f}); pass a smaller --learning-rate"
+            f"initialization {initial_bound:.2f}; a bound that is NaN, infinite or above the "
+            "decoder's largest log-likelihood, 0 nats for a Bernoulli decoder, is divergence); "
+            "pass a smaller --learning-rate"
         )
     best = max(accepted, key=accepted.get)
     print_fn(
@@ -620,7 +653,7 @@ def _compare_rates(
             else:
                 model.fit(train_data, steps_per_epoch=steps, epochs=1, verbose=0)
         bound = evaluate_bound(model, eval_x, batch_size)
-        bounds[rate] = bound if math.isfinite(bound) else None
+        bounds[rate] = None if bound_divergence(bound, model.decoder) else bound
         del model
     return bounds, initial_bound
 
@@ -674,6 +707,7 @@ class RunRecorder(keras.callbacks.Callback):
         self.train_seconds = 0.0  # this invocation's time in training steps, no evaluation
         self.epochs_run = 0
         self.diverged_at = None
+        self.diverged_reason = None  # bound_divergence's sentence for that epoch
         self._start = self._epoch_start = None
         self._in_epoch = False
 
@@ -701,7 +735,8 @@ class RunRecorder(keras.callbacks.Callback):
             # over the epoch's steps and lags behind the model it reports on.
             train_elbo = evaluate_bound(self.model, self.train_eval_x, self.batch_size)
         test_elbo = float(logs.get("val_elbo", float("nan")))
-        if not math.isfinite(train_elbo):
+        self.diverged_reason = bound_divergence(train_elbo, getattr(self.model, "decoder", None))
+        if self.diverged_reason:
             self.diverged_at = epoch + 1
             self.model.stop_training = True
             return
@@ -1049,7 +1084,7 @@ def train(config: TrainConfig, print_fn=print) -> TrainResult:
         )
     if recorder.diverged_at is not None:
         raise ValueError(
-            f"training diverged: the bound became NaN in epoch {recorder.diverged_at} "
+            f"training diverged in epoch {recorder.diverged_at}: {recorder.diverged_reason} "
             f"(learning rate {learning_rate:g}); the last good epoch's checkpoint is kept. "
             "Pass a smaller --learning-rate and a new --output"
         )
