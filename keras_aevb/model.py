@@ -1,7 +1,6 @@
 """`AEVB`: the variational auto-encoder trained with the SGVB lower bound (paper Algorithm 1)."""
 
 import contextlib
-import math
 import warnings
 
 import keras
@@ -568,8 +567,10 @@ class AEVB(keras.Model):
             x = self._event_dataset(x)
         elif isinstance(x, np.ndarray | tf.Tensor) and x.ndim >= 2:
             if tuple(x.shape[1:]) != self.event_shape:
-                x = ops.reshape(x, (-1, *self.event_shape)) if isinstance(x, tf.Tensor) else (
-                    x.reshape((-1, *self.event_shape))
+                x = (
+                    ops.reshape(x, (-1, *self.event_shape))
+                    if isinstance(x, tf.Tensor)
+                    else (x.reshape((-1, *self.event_shape)))
                 )
         if sample_weight is not None and y is None and x is not None:
             if isinstance(x, tf.data.Dataset):
