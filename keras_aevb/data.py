@@ -25,6 +25,8 @@ Reference: Kingma & Welling, "Auto-Encoding Variational Bayes", arXiv:1312.6114,
 from __future__ import annotations
 
 import gzip
+import importlib
+import math
 import os
 import struct
 import sys
@@ -32,8 +34,25 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-import scipy.io
-import tensorflow as tf
+
+
+class _ImportedAtFirstUse:
+    """A module imported when one of its attributes is first read.
+
+    TensorFlow (for `make_dataset`) and SciPy (for Frey Face's .mat file) take seconds to
+    import; the command line reads this module's names and checks the data files before
+    either is needed (`keras-aevb --help` answers at once).
+    """
+
+    def __init__(self, name):
+        self._name = name
+
+    def __getattr__(self, attribute):
+        return getattr(importlib.import_module(self._name), attribute)
+
+
+tf = _ImportedAtFirstUse("tensorflow")
+scipy_io = _ImportedAtFirstUse("scipy.io")
 
 __all__ = [
     "BINARIZATIONS",
@@ -42,6 +61,7 @@ __all__ = [
     "DEFAULT_BINARIZATION",
     "FREY_FACE_NUM_TEST",
     "FREY_FACE_SPLIT",
+    "MAX_IDX_BYTES",
     "DataError",
     "binarize",
     "default_data_dir",
@@ -90,6 +110,12 @@ FREY_FACE_SPLIT = {
 
 _IDX_UBYTE = 0x08
 _GZIP_MAGIC = b"\x1f\x8b"
+# IDX headers asking for more data bytes than this are refused before anything is read: a
+# request must not size memory at will (DESIGN 6b). MNIST's largest file holds 47 MB.
+MAX_IDX_BYTES = 1 << 30
+# deflate codes at best 258 bytes in 2 bits: a gzip file of n bytes inflates to at most 1032 n.
+_DEFLATE_MAX_RATIO = 1032
+_IDX_CHUNK = 1 << 20  # bytes inflated per read
 
 
 class DataError(ValueError):
@@ -179,18 +205,16 @@ def _check_dataset_name(name: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _read_bytes(path: Path) -> bytes:
-    """Reads a file, decompressing it if it starts with the gzip magic bytes (any suffix)."""
-    with open(path, "rb") as f:
-        raw = f.read()
-    if not raw.startswith(_GZIP_MAGIC):
-        return raw
-    try:
-        return gzip.decompress(raw)
-    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
-        raise DataError(
-            f"gzip file is truncated or corrupt: {path} ({e}); download it again"
-        ) from None
+def _read_upto(stream, size: int) -> bytes:
+    """Up to `size` bytes of `stream` (fewer only at its end)."""
+    parts, left = [], size
+    while left:
+        part = stream.read(left)
+        if not part:
+            break
+        parts.append(part)
+        left -= len(part)
+    return b"".join(parts)
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
@@ -200,6 +224,11 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     then one big-endian uint32 per dimension, then the data in row-major order. Compression is
     detected from the gzip magic bytes, not from the file name.
 
+    The file is read as a stream, and no more of it than the header's sizes say: a gzip file
+    that inflates to more than that (a "gzip bomb", or a corrupt header) is refused once one
+    byte past them has come out, not after inflating all of it. Headers asking for more than
+    `MAX_IDX_BYTES` (1 GiB), or for more than the file could hold, are refused before reading.
+
     Args:
         path: the file.
 
@@ -207,38 +236,76 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
         A uint8 array with the shape stored in the header.
 
     Raises:
-        DataError: the file is missing, has a wrong magic number or type code, or is truncated
-            (gzip stream cut short, or fewer data bytes than the header's dimensions imply).
+        DataError: the file is missing, has a wrong magic number or type code, is truncated
+            (gzip stream cut short, or fewer data bytes than the header's dimensions imply),
+            holds more bytes than its header implies, or is larger than `MAX_IDX_BYTES`.
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"IDX file not found: {path}; pass --data-dir pointing at its directory")
-    data = _read_bytes(path)
-    if len(data) < 4:
-        raise DataError(f"IDX file is truncated: {path} has {len(data)} bytes; download it again")
-    zero0, zero1, type_code, ndim = data[:4]
+    with open(path, "rb") as raw:
+        compressed = raw.read(2) == _GZIP_MAGIC
+        raw.seek(0)
+        file_size = os.fstat(raw.fileno()).st_size
+        try:
+            if not compressed:
+                return _read_idx_stream(raw, path, file_size, compressed)
+            with gzip.GzipFile(fileobj=raw, mode="rb") as stream:
+                return _read_idx_stream(stream, path, file_size, compressed)
+        except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+            raise DataError(
+                f"gzip file is truncated or corrupt: {path} ({e}); download it again"
+            ) from None
+
+
+def _read_idx_stream(stream, path: Path, file_size: int, compressed: bool) -> np.ndarray:
+    head = _read_upto(stream, 4)
+    if len(head) < 4:
+        raise DataError(f"IDX file is truncated: {path} has {len(head)} bytes; download it again")
+    zero0, zero1, type_code, ndim = head
     if zero0 != 0 or zero1 != 0 or type_code != _IDX_UBYTE or ndim == 0:
         raise DataError(
-            f"wrong IDX magic number 0x{data[:4].hex()} in {path} (expected 0x000008NN: "
+            f"wrong IDX magic number 0x{head.hex()} in {path} (expected 0x000008NN: "
             "unsigned bytes, NN dimensions); is it an MNIST IDX file?"
         )
-    header_size = 4 + 4 * ndim
-    if len(data) < header_size:
+    dims = _read_upto(stream, 4 * ndim)
+    if len(dims) < 4 * ndim:
         raise DataError(f"IDX file is truncated in its header: {path}; download it again")
-    shape = struct.unpack(f">{ndim}I", data[4:header_size])
-    expected = int(np.prod(shape, dtype=np.int64))
-    present = len(data) - header_size
-    if present < expected:
+    shape = struct.unpack(f">{ndim}I", dims)
+    header_size = 4 + 4 * ndim
+    expected = math.prod(shape)  # a Python int: no overflow for any header
+    if expected > MAX_IDX_BYTES:
         raise DataError(
-            f"IDX file is truncated: {path} holds {present} data bytes, its header "
-            f"{list(shape)} needs {expected}; download it again"
+            f"IDX file {path} has a header {list(shape)} of {expected} data bytes, larger than "
+            f"the {MAX_IDX_BYTES >> 30} GiB this reader accepts (MNIST's largest file holds "
+            "47 MB); is it an MNIST IDX file?"
         )
-    if present > expected:
+    if not compressed and file_size - header_size < expected:
         raise DataError(
-            f"IDX file is corrupt: {path} holds {present - expected} bytes more than its "
+            f"IDX file is truncated: {path} holds {file_size - header_size} data bytes, its "
+            f"header {list(shape)} needs {expected}; download it again"
+        )
+    if compressed and expected > _DEFLATE_MAX_RATIO * file_size:
+        raise DataError(
+            f"IDX file is truncated: {path} ({file_size} bytes of gzip) cannot inflate to the "
+            f"{expected} data bytes its header {list(shape)} needs; download it again"
+        )
+    images = np.empty(expected, dtype=np.uint8)
+    buffer, filled = memoryview(images), 0
+    while filled < expected:
+        count = stream.readinto(buffer[filled : filled + _IDX_CHUNK])
+        if not count:
+            raise DataError(
+                f"IDX file is truncated: {path} holds {filled} data bytes, its header "
+                f"{list(shape)} needs {expected}; download it again"
+            )
+        filled += count
+    if stream.read(1):  # one byte past the header's sizes: refused without reading the rest
+        raise DataError(
+            f"IDX file is corrupt: {path} holds more than the {expected} data bytes its "
             f"header {list(shape)} implies; download it again"
         )
-    return np.frombuffer(data, dtype=np.uint8, offset=header_size).reshape(shape)
+    return images.reshape(shape)
 
 
 def _load_mnist_idx(directory: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -263,6 +330,8 @@ def _load_mnist_idx(directory: Path, split: str) -> tuple[np.ndarray, np.ndarray
             f"MNIST labels in {paths[1]} have shape {list(labels.shape)}, expected [N]; "
             "is it the labels file?"
         )
+    if len(images) == 0:
+        raise DataError(f"MNIST {split} images in {paths[0]} hold 0 images; download it again")
     if len(images) != len(labels):
         raise DataError(
             f"MNIST {split} has {len(images)} images but {len(labels)} labels "
@@ -382,7 +451,7 @@ def load_frey_face(path: str | os.PathLike, split: str = "all") -> np.ndarray:
     if not path.is_file():
         raise DataError(f"Frey Face file not found: {path}; {_FREY_FACE_FIX}")
     try:
-        contents = scipy.io.loadmat(path)
+        contents = scipy_io.loadmat(path)
     except Exception as e:  # scipy raises several types for a corrupt or non-.mat file
         reason = " ".join(str(e).split())[:200]
         raise DataError(f"cannot read {path} as a .mat file ({reason}); {_FREY_FACE_FIX}") from None

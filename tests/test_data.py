@@ -5,6 +5,8 @@ from __future__ import annotations
 import gzip
 import struct
 import sys
+import time
+import tracemalloc
 import types
 from pathlib import Path
 
@@ -141,6 +143,66 @@ def test_read_idx_truncated_data(tmp_path, compress):
 def test_read_idx_missing_file(tmp_path):
     with pytest.raises(DataError, match="not found.*--data-dir"):
         read_idx(tmp_path / "nope")
+
+
+def gzip_bomb(path: Path, header: bytes, inflated: int, chunk: int = 1 << 20) -> Path:
+    """Writes `header` followed by `inflated` zero bytes, gzip-compressed (about 1000:1)."""
+    with gzip.open(path, "wb", compresslevel=9) as f:
+        f.write(header)
+        zeros = bytes(chunk)
+        for _ in range(inflated // chunk):
+            f.write(zeros)
+    return path
+
+
+def test_read_idx_refuses_a_gzip_bomb_without_inflating_it(tmp_path):
+    # The header says 10 images of 28x28 (7840 bytes); the stream inflates to 256 MiB from a
+    # file of about 250 kB. The old reader inflated all of it before comparing sizes.
+    header = bytes([0, 0, 8, 3]) + struct.pack(">3I", 10, 28, 28)
+    path = gzip_bomb(tmp_path / "bomb.gz", header, inflated=256 << 20)
+    assert path.stat().st_size < 1 << 20
+    tracemalloc.start()
+    start = time.perf_counter()
+    try:
+        with pytest.raises(DataError, match=r"more than .*its header \[10, 28, 28\]"):
+            read_idx(path)
+        seconds = time.perf_counter() - start
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # Reading stops one chunk past the header's 7840 bytes: the peak is the buffers of the
+    # gzip reader (tens of kB), far below the 256 MiB the whole stream inflates to. 4 MiB
+    # leaves room for interpreter noise and is still 64 times less.
+    assert peak < 4 << 20, peak
+    # Inflating 256 MiB takes about 0.5 s here; stopping early takes milliseconds. 0.25 s
+    # leaves room for a loaded machine.
+    assert seconds < 0.25, seconds
+
+
+def test_read_idx_refuses_a_header_the_file_cannot_hold(tmp_path):
+    # 60000 x 28 x 28 = 47 MB claimed by a 1 kB gzip file: deflate inflates at most about
+    # 1032:1, so the file is truncated for sure and nothing is inflated to find that out.
+    header = bytes([0, 0, 8, 3]) + struct.pack(">3I", 60000, 28, 28)
+    path = tmp_path / "claims.gz"
+    path.write_bytes(gzip.compress(header + bytes(100)))
+    with pytest.raises(DataError, match=r"truncated.*\[60000, 28, 28\]"):
+        read_idx(path)
+    # A header beyond the cap on decompressed sizes is refused whatever the file holds.
+    header = bytes([0, 0, 8, 3]) + struct.pack(">3I", 4_000_000_000, 28, 28)
+    path.write_bytes(header)
+    with pytest.raises(DataError, match=r"larger than.*1 GiB"):
+        read_idx(path)
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_load_mnist_zero_images(tmp_path, split):
+    write_mnist_dir(tmp_path / "mnist")
+    for stem, array in zip(
+        MNIST_STEMS[split], (np.zeros((0, 28, 28), np.uint8), np.zeros(0, np.uint8)), strict=True
+    ):
+        write_idx(tmp_path / "mnist" / (stem + ".gz"), array, compress=True)
+    with pytest.raises(DataError, match=r"0 images.*download it again"):
+        load_mnist(tmp_path / "mnist", split=split)
 
 
 @pytest.mark.parametrize("compress", [True, False], ids=["gzip", "raw"])
