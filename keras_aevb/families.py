@@ -5,13 +5,24 @@ with a tractable inverse CDF, (2) location-scale families, (3) compositions of t
 here is one `Family` record in `FAMILIES`, chosen by name (no `if name == ...` chains):
 
 - `param_names`: the encoder's outputs, one `[batch, latent_dim]` tensor each;
-- `constrain`: maps an unconstrained dense output to a valid parameter, per parameter name;
-- `build`: constrained parameters -> a batch of scalar `tfd` distributions `[batch, latent_dim]`;
-- `noise(shape, dtype, seed)` and `g(eps, params)` (optional; `seed` is a stateless int32 pair):
-  the explicit form eps ~ p(eps), z = g(eps, params) of eq. 4, used for sampling when present so
-  that the gradient is the paper's pathwise one by construction. Families without it (Gamma,
+- `constrain`: maps an unconstrained dense output to a valid parameter, per parameter name (the
+  encoder applies it: every bound and floor on a parameter lives here, nowhere else);
+- `tfd_class` and `tfd_params`: constrained parameters -> the keyword arguments of the `tfd`
+  class (e.g. scale = exp(z_log_scale)); `build(params)` is `tfd_class(**tfd_params(params))`,
+  a batch of scalar distributions `[batch, latent_dim]`;
+- `noise(shape, dtype, seed)` and `draw(eps, tfd_kwargs)` (optional; `seed` is a stateless
+  int32 pair): the explicit form eps ~ p(eps), z = g(eps, params) of eq. 4, with
+  `g(eps, params) = draw(eps, tfd_params(params))`, used for sampling when present so that the
+  gradient is the paper's pathwise one by construction. Families without it (Gamma,
   Chi-squared, Beta, Student's t) are sampled with TFP's implicit reparameterization (Figurnov et
   al., 2018): dz/dphi = -(dF(z; phi)/dphi) / q(z; phi), exact, with no explicit g.
+
+`g` and the distribution whose log q the bound uses read the same keyword arguments, computed in
+one place, and `draw` is the inverse CDF (or location-scale map) of exactly that distribution: z
+is a sample of q, so E[log q(z) - log p(z)] is the KL. A clip of z that q did not know about made
+a LogNormal posterior report bounds of +1e20 nats on binary data (issue 13); where z must stay
+inside a range, the parameters are bounded (in `constrain`) and the noise's support is bounded
+(the inverse-CDF noise below lies in [F^-1(2^-24), F^-1(1 - 2^-24)]), not the sample.
 
 The families by support (see `posterior_families()` for the full table, computed from TFP):
 
@@ -152,17 +163,30 @@ class Family:
     name: str
     param_names: tuple
     support: str
-    build: Callable
+    tfd_class: type
+    tfd_params: Callable
     constrain: dict
     noise: Callable | None = None
-    g: Callable | None = None
+    draw: Callable | None = None
     description: str = ""
     finite_expectations: tuple = EXPECTATIONS
 
     @property
     def reparameterization(self):
         """'explicit' where the family defines eq. 4's g, else 'implicit' (TFP's sampler)."""
-        return "explicit" if self.g is not None else "implicit"
+        return "explicit" if self.draw is not None else "implicit"
+
+    def build(self, params):
+        """q's scalar distributions `[batch, latent_dim]` from the constrained parameters."""
+        return self.tfd_class(**self.tfd_params(params))
+
+    @property
+    def g(self):
+        """Eq. 4's g(eps, params) = draw(eps, tfd_params(params)); None for implicit families."""
+        return None if self.draw is None else self._g
+
+    def _g(self, eps, params):
+        return self.draw(eps, self.tfd_params(params))
 
     def distribution(self, params):
         """`tfd.Independent` over the last (latent) axis: log_prob sums over latent dims."""
@@ -172,29 +196,30 @@ class Family:
 # ---------------------------------------------------------------- real line
 
 
-def _normal_g(eps, params):
-    # Eq. 4 for the Gaussian (paper section 2.4, example in 2.3): z = mu + sigma * eps.
-    return params["z_mean"] + ops.exp(0.5 * params["z_log_var"]) * eps
+def _location_scale_draw(eps, kwargs):
+    # Section 2.4, case (2): z = location + scale * eps, eps from the standard member. For the
+    # Gaussian (example in 2.3): z = mu + sigma * eps.
+    return kwargs["loc"] + kwargs["scale"] * eps
 
 
 NORMAL = Family(
     name="normal",
     param_names=("z_mean", "z_log_var"),
     support="real",
-    build=lambda p: tfd.Normal(loc=p["z_mean"], scale=ops.exp(0.5 * p["z_log_var"])),
+    tfd_class=tfd.Normal,
+    tfd_params=lambda p: {"loc": p["z_mean"], "scale": ops.exp(0.5 * p["z_log_var"])},
     constrain={
         "z_mean": lambda raw: raw,
         "z_log_var": lambda raw: soft_clip(raw, *Z_LOG_VAR_BOUNDS),
     },
     noise=_normal_noise,
-    g=_normal_g,
+    draw=_location_scale_draw,
     description="diagonal Gaussian N(z_mean, exp(z_log_var)); eps ~ N(0, I), z = mu + sigma*eps",
 )
 
 
-def _location_scale_g(eps, params):
-    # Section 2.4, case (2): z = location + scale * eps, eps from the standard member.
-    return params["z_loc"] + ops.exp(params["z_log_scale"]) * eps
+def _location_scale_params(p):
+    return {"loc": p["z_loc"], "scale": ops.exp(p["z_log_scale"])}
 
 
 _LOCATION_SCALE_CONSTRAIN = {"z_loc": _identity, "z_log_scale": _log_scale}
@@ -229,10 +254,11 @@ def _location_scale_family(
         name=name,
         param_names=("z_loc", "z_log_scale"),
         support="real",
-        build=lambda p: tfd_class(loc=p["z_loc"], scale=ops.exp(p["z_log_scale"])),
+        tfd_class=tfd_class,
+        tfd_params=_location_scale_params,
         constrain=constrain or _LOCATION_SCALE_CONSTRAIN,
         noise=noise,
-        g=_location_scale_g,
+        draw=_location_scale_draw,
         description=description,
         finite_expectations=finite_expectations,
     )
@@ -295,7 +321,8 @@ STUDENT_T = Family(
     name="student_t",
     param_names=("z_loc", "z_log_scale", "z_df"),
     support="real",
-    build=lambda p: tfd.StudentT(df=p["z_df"], loc=p["z_loc"], scale=ops.exp(p["z_log_scale"])),
+    tfd_class=tfd.StudentT,
+    tfd_params=lambda p: {"df": p["z_df"], **_location_scale_params(p)},
     constrain={
         "z_loc": _identity,
         "z_log_scale": _log_scale,
@@ -321,11 +348,12 @@ EXPONENTIAL = Family(
     name="exponential",
     param_names=("z_rate",),
     support="positive",
-    build=lambda p: tfd.Exponential(rate=p["z_rate"]),
+    tfd_class=tfd.Exponential,
+    tfd_params=lambda p: {"rate": p["z_rate"]},
     constrain={"z_rate": _positive(RATE_FLOOR)},
     noise=_exponential_noise,
     # Inverse CDF (case 1) and scale (case 2): z = eps / rate.
-    g=lambda eps, p: eps / p["z_rate"],
+    draw=lambda eps, kwargs: eps / kwargs["rate"],
     description="Exponential(z_rate); eps = -log u ~ Exp(1), z = eps / rate",
 )
 
@@ -333,7 +361,8 @@ GAMMA = Family(
     name="gamma",
     param_names=("z_concentration", "z_rate"),
     support="positive",
-    build=lambda p: tfd.Gamma(concentration=p["z_concentration"], rate=p["z_rate"]),
+    tfd_class=tfd.Gamma,
+    tfd_params=lambda p: {"concentration": p["z_concentration"], "rate": p["z_rate"]},
     constrain={
         "z_concentration": _positive(CONCENTRATION_FLOOR),
         "z_rate": _positive(RATE_FLOOR),
@@ -345,7 +374,8 @@ CHI2 = Family(
     name="chi2",
     param_names=("z_df",),
     support="positive",
-    build=lambda p: tfd.Chi2(df=p["z_df"]),
+    tfd_class=tfd.Chi2,
+    tfd_params=lambda p: {"df": p["z_df"]},
     # df / 2 is a Gamma concentration: the same floor, doubled.
     constrain={"z_df": _positive(2.0 * CONCENTRATION_FLOOR)},
     description="Chi2(z_df) = Gamma(df/2, 1/2); implicit reparameterization. One parameter: "
@@ -353,71 +383,98 @@ CHI2 = Family(
 )
 
 
-# Soft bounds of log z for the LogNormal posterior: z in (2e-9, 5e8), so that z is a finite,
-# non-zero float32 and so is every accepted prior's log density at it (z^2 under a Normal or
-# Cauchy prior overflows float32 from z ~ 2e19, log z ~ 44: a measured MNIST run under the Normal
-# prior hit it at step 99 with bounds of +-80). Trained models sit far inside, where the bound is
-# the identity.
-LOG_NORMAL_LOG_Z_BOUNDS = (-20.0, 20.0)
+# The LogNormal posterior's log z = loc + scale * eps must stay inside +-LOG_NORMAL_LOG_Z_LIMIT,
+# so that z is a finite, non-zero float32 and so is every accepted prior's log density at it
+# (z^2 under a Normal or Cauchy prior overflows float32 from z ~ 2e19, log z ~ 44: a measured
+# MNIST run under the Normal prior hit it at step 99 with bounds of +-80). That is done with
+# bounded parameters and bounded noise, never by clipping z: z clipped while log q was evaluated
+# at the unclipped parameters gave bounds of +1e20 nats on binary data (issue 13). The noise is
+# eps = Phi^-1(u) with u on the centred float32 grid, so |eps| <= Phi^-1(1 - 2^-24) = 5.29
+# (a standard normal truncated at probability 1.2e-7); the location is softly bounded to
+# +-10 (z from 4.5e-5 to 2.2e4 at eps = 0) and the scale to 20 / 5.29 = 3.78, so
+# |log z| < 10 + 3.78 * 5.29 = 30: z in (9e-14, 1.1e13), z^2 < 1.2e26. The soft upper bound of
+# log scale (1.33) bends the map near 0: raw 0 gives log scale -0.25 (scale 0.78), not 0.
+LOG_NORMAL_LOG_Z_LIMIT = 30.0
+LOG_NORMAL_LOC_BOUNDS = (-10.0, 10.0)
+LOG_NORMAL_NOISE_LIMIT = 5.2948  # -Phi^-1(2^-24) = 5.294704 in float32, rounded up
+LOG_NORMAL_LOG_SCALE_BOUNDS = (
+    Z_LOG_SCALE_BOUNDS[0],
+    math.log((LOG_NORMAL_LOG_Z_LIMIT - LOG_NORMAL_LOC_BOUNDS[1]) / LOG_NORMAL_NOISE_LIMIT),
+)
 
 
-def _log_normal_g(eps, params):
-    # Composition (case 3): z = exp(loc + scale * eps), exponent softly bounded (see above).
-    return ops.exp(soft_clip(_location_scale_g(eps, params), *LOG_NORMAL_LOG_Z_BOUNDS))
+def _normal_noise_by_inverse_cdf(shape, dtype, seed):
+    # eps = Phi^-1(u): standard normal, bounded by LOG_NORMAL_NOISE_LIMIT (see above).
+    return tf.math.ndtri(uniform_noise(shape, dtype, seed))
 
 
 LOG_NORMAL = Family(
     name="log_normal",
     param_names=("z_loc", "z_log_scale"),
     support="positive",
-    build=lambda p: tfd.LogNormal(loc=p["z_loc"], scale=ops.exp(p["z_log_scale"])),
-    constrain=_LOCATION_SCALE_CONSTRAIN,
-    noise=_normal_noise,
-    g=_log_normal_g,
-    description="LogNormal(z_loc, exp(z_log_scale)) of log z; eps ~ N(0, 1), "
-    "z = exp(loc + scale*eps)",
+    tfd_class=tfd.LogNormal,
+    tfd_params=_location_scale_params,
+    constrain={
+        "z_loc": lambda raw: soft_clip(raw, *LOG_NORMAL_LOC_BOUNDS),
+        "z_log_scale": lambda raw: soft_clip(raw, *LOG_NORMAL_LOG_SCALE_BOUNDS),
+    },
+    noise=_normal_noise_by_inverse_cdf,
+    # Composition (case 3): z = exp(loc + scale * eps), no clip (see above).
+    draw=lambda eps, kwargs: ops.exp(_location_scale_draw(eps, kwargs)),
+    description="LogNormal(z_loc, exp(z_log_scale)) of log z, loc in (-10, 10), scale < 3.8; "
+    "eps = Phi^-1(u) ~ N(0, 1), z = exp(loc + scale*eps)",
 )
 
 
-def _weibull_g(eps, params):
+def _weibull_draw(eps, kwargs):
     # Inverse CDF composed with a power: eps ~ Exp(1), z = scale * eps**(1/k).
-    return params["z_scale"] * ops.exp(ops.log(eps) / params["z_concentration"])
+    return kwargs["scale"] * ops.exp(ops.log(eps) / kwargs["concentration"])
 
 
 WEIBULL = Family(
     name="weibull",
     param_names=("z_concentration", "z_scale"),
     support="positive",
-    build=lambda p: tfd.Weibull(concentration=p["z_concentration"], scale=p["z_scale"]),
+    tfd_class=tfd.Weibull,
+    tfd_params=lambda p: {"concentration": p["z_concentration"], "scale": p["z_scale"]},
     constrain={
         "z_concentration": _positive(CONCENTRATION_FLOOR),
         "z_scale": _positive(RATE_FLOOR),
     },
     noise=_exponential_noise,
-    g=_weibull_g,
+    draw=_weibull_draw,
     description="Weibull(z_concentration k, z_scale lambda); eps = -log u, z = lambda * eps**(1/k)",
 )
 
 # ---------------------------------------------------------------- unit interval
 
 
-def _uniform_low(params):
+def _uniform_params(p):
     # low = position * (1 - width), so [low, low + width] lies inside [0, 1] for every raw input.
-    return params["z_position"] * (1.0 - params["z_width"])
+    low = p["z_position"] * (1.0 - p["z_width"])
+    return {"low": low, "high": low + p["z_width"]}
+
+
+def _uniform_draw(u, kwargs):
+    # Inverse CDF: z = low + (high - low) u. The minimum only catches float32 rounding past high
+    # (u < 1 - 2^-24, so only at the top of the grid), where q's density would be 0: it moves no
+    # probability.
+    low, high = kwargs["low"], kwargs["high"]
+    return ops.minimum(low + (high - low) * u, high)
 
 
 UNIFORM = Family(
     name="uniform",
     param_names=("z_position", "z_width"),
     support="unit_interval",
-    build=lambda p: tfd.Uniform(low=_uniform_low(p), high=_uniform_low(p) + p["z_width"]),
+    tfd_class=tfd.Uniform,
+    tfd_params=_uniform_params,
     constrain={
         "z_position": ops.sigmoid,
         "z_width": lambda raw: UNIFORM_WIDTH_FLOOR + (1.0 - UNIFORM_WIDTH_FLOOR) * ops.sigmoid(raw),
     },
     noise=uniform_noise,
-    # Inverse CDF: z = low + width * u.
-    g=lambda u, p: _uniform_low(p) + p["z_width"] * u,
+    draw=_uniform_draw,
     description="Uniform(low, low + z_width), low = z_position * (1 - z_width): inside [0, 1]; "
     "z = low + width*u",
 )
@@ -426,9 +483,11 @@ BETA = Family(
     name="beta",
     param_names=("z_concentration1", "z_concentration0"),
     support="unit_interval",
-    build=lambda p: tfd.Beta(
-        concentration1=p["z_concentration1"], concentration0=p["z_concentration0"]
-    ),
+    tfd_class=tfd.Beta,
+    tfd_params=lambda p: {
+        "concentration1": p["z_concentration1"],
+        "concentration0": p["z_concentration0"],
+    },
     constrain={
         "z_concentration1": _positive(UNIT_CONCENTRATION_FLOOR),
         "z_concentration0": _positive(UNIT_CONCENTRATION_FLOOR),
@@ -437,10 +496,13 @@ BETA = Family(
 )
 
 
-def _kumaraswamy_g(u, params):
+def _kumaraswamy_draw(u, kwargs):
     # Inverse CDF: z = (1 - (1 - u)**(1/b))**(1/a), in log space for accuracy near 0 and 1.
     # Clipped into [tiny, 1 - 2**-24]: at a sample rounded to exactly 0 or 1 log q is infinite.
-    a, b = params["z_concentration1"], params["z_concentration0"]
+    # The clip is float32 rounding, not a transform of q: z rounds to 1 with probability about
+    # (a 2^-25)^b (3e-5 at a = 1001, b = 1, the largest a at raw 1e3 and smallest b) and to 0
+    # never for b below 1e30.
+    a, b = kwargs["concentration1"], kwargs["concentration0"]
     inner = -ops.expm1(ops.log1p(-u) / b)
     z = ops.exp(ops.log(inner) / a)
     finfo = np.finfo(tf.as_dtype(z.dtype).as_numpy_dtype)
@@ -451,15 +513,17 @@ KUMARASWAMY = Family(
     name="kumaraswamy",
     param_names=("z_concentration1", "z_concentration0"),
     support="unit_interval",
-    build=lambda p: tfd.Kumaraswamy(
-        concentration1=p["z_concentration1"], concentration0=p["z_concentration0"]
-    ),
+    tfd_class=tfd.Kumaraswamy,
+    tfd_params=lambda p: {
+        "concentration1": p["z_concentration1"],
+        "concentration0": p["z_concentration0"],
+    },
     constrain={
         "z_concentration1": _positive(UNIT_CONCENTRATION_FLOOR),
         "z_concentration0": _positive(UNIT_CONCENTRATION_FLOOR),
     },
     noise=uniform_noise,
-    g=_kumaraswamy_g,
+    draw=_kumaraswamy_draw,
     description="Kumaraswamy(a, b), the Beta look-alike with a closed-form inverse CDF; "
     "z = (1 - (1-u)**(1/b))**(1/a)",
 )
