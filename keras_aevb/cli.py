@@ -12,7 +12,14 @@ A thin layer over importable functions (`keras_aevb.training.train`, `keras_aevb
 which notebooks call directly. Bad input (missing or corrupt data, settings that cannot work, a
 model that cannot draw the asked picture) ends with one line `keras-aevb: error: ...` naming
 the problem and the fix on stderr, and exit status 2, without a traceback (`--traceback` shows
-it). `python -m keras_aevb` runs the same program.
+it, and the status is still 2). Ctrl-C ends with one line and exit status 130. `python -m
+keras_aevb` runs the same program.
+
+Fast and quiet: the arguments, the paths, the data files' presence, the model archive and the
+size caps are checked before TensorFlow is imported (its import takes seconds), so `--help`
+and argument errors answer at once; and TensorFlow's native start-up lines (absl, oneDNN, CUDA
+stubs), written straight to file descriptor 2, are held back unless `--verbose 2` or
+`--traceback` asks for them. Lines from that start-up that are not known chatter still show.
 
 Reference: Kingma & Welling, "Auto-Encoding Variational Bayes", arXiv:1312.6114.
 """
@@ -20,18 +27,64 @@ Reference: Kingma & Welling, "Auto-Encoding Variational Bayes", arXiv:1312.6114.
 from __future__ import annotations
 
 import argparse
+import importlib
 import inspect
 import json
 import math
+import os
+import re
 import sys
+import tempfile
+import traceback
+import zipfile
 from pathlib import Path
 
-import numpy as np
-
-from keras_aevb import data as data_lib
-from keras_aevb import plotting, training
+from keras_aevb._io import RunWriteError  # the standard library only
+from keras_aevb.version import __version__
 
 PROG = "keras-aevb"
+
+# The choices the parser lists. They are spelled here rather than read from the library because
+# the library's tables (keras_aevb.families.FAMILIES, keras_aevb.prior.PRIORS, training's
+# tuples) import TensorFlow; tests/test_cli.py checks that both lists agree.
+# keras_aevb.data and keras_aevb.plotting import NumPy (a tenth of a second), so these are
+# spelled here too: --help and argument errors need neither module.
+DATASETS = ("mnist", "frey_face")
+BINARIZATIONS = ("dynamic", "static", "threshold", "none")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")  # plotting.IMAGE_FORMATS
+FIGURE_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg", ".tif", ".tiff", ".eps")
+POSTERIORS = (
+    "normal",
+    "laplace",
+    "logistic",
+    "student_t",
+    "cauchy",
+    "gumbel",
+    "exponential",
+    "gamma",
+    "chi2",
+    "log_normal",
+    "weibull",
+    "uniform",
+    "beta",
+    "kumaraswamy",
+)
+PRIOR_NAMES = ("standard_normal", *POSTERIORS)
+DECODERS = ("auto", "bernoulli", "gaussian")
+OPTIMIZERS = ("adagrad", "adam")
+METHODS = ("aevb", "wake_sleep", "mcem")
+STRATEGIES = ("default", "mirrored", "multi_worker")
+
+# Caps on what a request can make the program allocate (DESIGN 6b). A picture of MAX_SAMPLES
+# MNIST digits is 2998 x 2998 pixels; the decoder's activations for them take tens of MB.
+MAX_SAMPLES = 10_000  # sample --num, reconstruct --num
+MAX_GRID = 100  # manifold --grid: 100 x 100 = 10,000 decoded points
+MAX_SCALE = 32  # --scale
+MAX_PICTURE_SIDE = 8192  # pixels a side, after --scale: 8192 x 8192 = 64 MiB of grey bytes
+MAX_PICTURE_PIXELS = MAX_PICTURE_SIDE**2
+_GRID_PAD = 2  # pixels between images in the sample and reconstruction grids
+
+INTERRUPTED = f"{PROG}: interrupted; rerun the same command to resume"
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -39,6 +92,18 @@ PROG = "keras-aevb"
 
 class UsageError(ValueError):
     """A user-input problem found by the CLI itself (exit status 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse without abbreviations (`--lr` is not `--lr-search-steps`), whose errors are
+    one line: `main` prints the message and a hint instead of the usage block."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        raise UsageError(f"{message}; see {self.prog} --help")
 
 
 def _learning_rate(text):
@@ -77,6 +142,23 @@ def _positive_int(text):
     return value
 
 
+def _capped_int(cap):
+    """An argparse type: an integer from 1 to `cap` (a resource cap, stated in --help)."""
+
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or not 1 <= value <= cap:
+            raise argparse.ArgumentTypeError(
+                f"must be an integer from 1 to at most {cap} (a cap on memory), got {text!r}"
+            )
+        return value
+
+    return parse
+
+
 def _nonnegative_int(text):
     try:
         value = int(text)
@@ -87,8 +169,14 @@ def _nonnegative_int(text):
     return value
 
 
-def _out_path(path):
+def _out_path(path, formats=IMAGE_SUFFIXES):
+    """--out: its directory exists and its suffix names a format that can be written."""
     path = Path(path)
+    names = ", ".join(formats)
+    if not path.suffix:
+        raise UsageError(f"--out {path} has no suffix to name the picture format; use {names}")
+    if path.suffix.lower() not in formats:
+        raise UsageError(f"--out {path}: cannot write {path.suffix!r} pictures; use {names}")
     if not path.parent.is_dir():
         raise FileNotFoundError(
             f"output directory {path.parent} does not exist; create it or pass another --out"
@@ -96,29 +184,97 @@ def _out_path(path):
     return path
 
 
+def _model_archive(path):
+    """Checks, without TensorFlow, that `path` is a `.keras` archive of a keras_aevb model.
+
+    Returns:
+        The archive's config.json as a dict.
+    """
+    path = Path(path)
+    fix = "pass the model.keras that `keras-aevb train` wrote"
+    if not path.exists():
+        raise FileNotFoundError(f"model file not found: {path}; {fix}")
+    if path.is_dir():
+        raise UsageError(f"{path} is a directory; pass RUN_DIR/model.keras")
+    if path.suffix != ".keras":
+        raise UsageError(f"{path} is not a .keras file; pass RUN_DIR/model.keras")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            config = json.loads(archive.read("config.json"))
+    except zipfile.BadZipFile:
+        raise UsageError(f"{path} is not a .keras archive (not a zip file); {fix}") from None
+    except KeyError:
+        raise UsageError(f"{path} is not a .keras archive (no config.json in it); {fix}") from None
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError
+        raise UsageError(
+            f"{path} is not a .keras archive (config.json is not JSON); {fix}"
+        ) from None
+    if not isinstance(config, dict):
+        raise UsageError(f"{path} is not a .keras archive (config.json holds no model); {fix}")
+    registered, module = str(config.get("registered_name")), str(config.get("module"))
+    if not (registered.startswith("keras_aevb>") or module.startswith("keras_aevb")):
+        raise UsageError(
+            f"{path} holds a {config.get('class_name', 'model')} (from {module}), not a "
+            f"keras_aevb model; {fix}"
+        )
+    return config
+
+
+def _archive_event_shape(config):
+    """The image shape the archived model was built for, e.g. (28, 28), or None."""
+    shape = (config.get("build_config") or {}).get("input_shape")
+    if isinstance(shape, list) and len(shape) >= 2 and all(isinstance(d, int) for d in shape[1:]):
+        return tuple(shape[1:])
+    return None
+
+
+def _check_picture(rows, cols, event_shape, pad, scale, fix):
+    """Refuses a picture over MAX_PICTURE_PIXELS before anything is drawn."""
+    if event_shape is None or len(event_shape) < 2:
+        return
+    height = (rows * event_shape[0] + (rows - 1) * pad) * scale
+    width = (cols * event_shape[1] + (cols - 1) * pad) * scale
+    if height * width > MAX_PICTURE_PIXELS:
+        raise UsageError(
+            f"the picture would be {height} x {width} pixels, more than the cap of "
+            f"{MAX_PICTURE_SIDE} x {MAX_PICTURE_SIDE}; {fix}"
+        )
+
+
+def _sample_grid_size(num, rows):
+    cols = math.ceil(num / rows) if rows else math.ceil(math.sqrt(num))
+    return rows or math.ceil(num / cols), cols
+
+
+def _reconstruction_grid_size(num, cols):
+    cols = min(cols, num)
+    return 2 * math.ceil(num / cols), cols
+
+
 def load_model(path):
     """Loads a `.keras` file written by `keras-aevb train` (or `model.save`), uncompiled."""
     import keras
 
+    _model_archive(path)
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"model file not found: {path}; pass the model.keras that `keras-aevb train` wrote"
-        )
-    if path.suffix != ".keras":
-        raise UsageError(f"{path} is not a .keras file; pass RUN_DIR/model.keras")
     try:  # registers the baselines' classes, if that module is installed
         import keras_aevb.baselines  # noqa: F401
     except ImportError:
         pass
     try:
-        return keras.saving.load_model(path, compile=False)
+        model = keras.saving.load_model(path, compile=False)
     except (OSError, ValueError, KeyError, TypeError) as e:
         reason = " ".join(str(e).split())[:200]
         raise UsageError(
             f"cannot load {path} as a keras_aevb model ({type(e).__name__}: {reason}); "
             "pass a model.keras written by `keras-aevb train`"
         ) from None
+    if not hasattr(model, "event_shape"):
+        raise UsageError(
+            f"{path} holds a {type(model).__name__}, not a keras_aevb model; "
+            "pass a model.keras written by `keras-aevb train`"
+        )
+    return model
 
 
 def _run_config(model_path):
@@ -126,14 +282,17 @@ def _run_config(model_path):
     path = Path(model_path).parent / "config.json"
     if path.is_file():
         try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError:
+            config = json.loads(path.read_text())
+        except (ValueError, OSError):  # JSONDecodeError, UnicodeDecodeError
             return {}
+        return config if isinstance(config, dict) else {}
     return {}
 
 
-def _data_settings(args, run_config, model):
+def _data_settings(args, run_config):
     """Dataset, data dir, binarization and seed: the flags, else the run's config.json."""
+    from keras_aevb import data as data_lib
+
     dataset = args.dataset or run_config.get("dataset")
     if dataset is None:
         raise UsageError("which data? pass --dataset mnist or --dataset frey_face")
@@ -150,6 +309,10 @@ def _data_settings(args, run_config, model):
     if binarization is None:
         binarization = data_lib.DEFAULT_BINARIZATION[dataset]
     seed = args.seed if args.seed is not None else int(run_config.get("seed", 0))
+    return dataset, data_dir, binarization, seed
+
+
+def _check_likelihood(model, binarization):
     likelihood = getattr(model.decoder, "likelihood", None)
     if likelihood == "bernoulli" and binarization == "none":
         raise UsageError(
@@ -161,7 +324,44 @@ def _data_settings(args, run_config, model):
             f"this model has a Gaussian decoder, whose density grows without limit on "
             f"{binarization}-binarized pixels; pass --binarization none"
         )
-    return dataset, data_dir, binarization, seed
+
+
+def _check_data_files(dataset, data_dir, splits):
+    """Before TensorFlow starts: the files `data.load_dataset` will read are there.
+
+    Only their presence: their contents are read (and checked) when they are loaded. With no
+    --data-dir, MNIST may still come from a TFDS copy, which needs TensorFlow to look for.
+    """
+    from keras_aevb import data as data_lib
+
+    if dataset == "mnist":
+        if data_dir is None:
+            return
+        directory = Path(data_dir)
+        if not directory.is_dir():
+            raise data_lib.DataError(
+                f"MNIST data directory not found: {directory}; {data_lib._MNIST_FIX}"
+            )
+        for split in splits:
+            for stem in data_lib._MNIST_SPLITS[split]:
+                if data_lib._find_file(directory, stem) is None:
+                    raise data_lib.DataError(
+                        f"MNIST IDX file not found: {directory / stem}(.gz); pass --data-dir "
+                        "pointing at a directory with the four MNIST IDX files"
+                    )
+        return
+    if data_dir is None:
+        if data_lib.default_data_dir(dataset) is None:
+            searched = ", ".join(str(d) for d in data_lib._candidate_dirs(dataset))
+            raise data_lib.DataError(
+                f"Frey Face not found: no {data_lib._FREY_FACE_FILE} in {searched}; "
+                f"{data_lib._FREY_FACE_FIX}"
+            )
+        return
+    path = Path(data_dir)
+    path = path / data_lib._FREY_FACE_FILE if path.is_dir() else path
+    if not path.is_file():
+        raise data_lib.DataError(f"Frey Face file not found: {path}; {data_lib._FREY_FACE_FIX}")
 
 
 def _check_event_shape(model, x, dataset):
@@ -172,10 +372,151 @@ def _check_event_shape(model, x, dataset):
         )
 
 
+# ---------------------------------------------------------------------- TensorFlow start-up
+
+# Lines TensorFlow's native code writes to fd 2 while it starts, whatever the run: absl's note
+# about logs before InitializeLog, the CUDA stub's search for a GPU (on machines without one),
+# the CPU-feature and oneDNN notes, and plug-in registrations. INFO lines (I + date) of the
+# start-up are chatter too. Anything else (a real error, a Python warning) is shown.
+_STARTUP_NOISE = re.compile(
+    r"^I\d{4} \d\d:\d\d:\d\d"
+    r"|absl::InitializeLog\(\)"
+    r"|failed call to cuInit"
+    r"|Could not find cuda drivers"
+    r"|cpu_feature_guard|TensorFlow binary is optimized to use available CPU instructions"
+    r"|^To enable the following instructions:"
+    r"|oneDNN custom operations are on"
+    r"|Unable to register cu(DNN|FFT|BLAS) factory"
+    r"|computation placer already registered"
+    r"|TF-TRT Warning: Could not find TensorRT"
+)
+
+
+def _import_quietly(modules, show, then=None):
+    """Imports `modules` (and calls `then()`), keeping their native start-up logs off stderr.
+
+    TensorFlow's C++ code writes straight to file descriptor 2, past `sys.stderr`, and
+    TF_CPP_MIN_LOG_LEVEL does not silence absl's or CUDA's lines. So fd 2 points at a temporary
+    file meanwhile; afterwards the lines that are not known start-up chatter (`_STARTUP_NOISE`)
+    are written to stderr, so that a real error is never lost. `show`: import as is.
+    """
+    if show:
+        for name in modules:
+            importlib.import_module(name)
+        if then is not None:
+            then()
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as log:
+        os.dup2(log.fileno(), 2)
+        try:
+            for name in modules:
+                importlib.import_module(name)
+            if then is not None:
+                then()
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            log.seek(0)
+            lines = log.read().decode("utf-8", "replace").splitlines()
+            kept = [line for line in lines if line.strip() and not _STARTUP_NOISE.search(line)]
+            if kept:
+                print("\n".join(kept), file=sys.stderr)
+
+
+def _start_tensorflow(show):
+    """Imports TensorFlow and the whole package (its classes registered with Keras).
+
+    Quietly unless `show`. A missing TensorFlow or a Keras backend other than TensorFlow is a
+    UsageError (one line, exit status 2) naming the fix.
+    """
+    if "tensorflow" in sys.modules:  # in-process callers (tests, notebooks): already started
+        return
+    if not show:
+        # INFO lines of the run itself (e.g. "Compiled cluster using XLA!"); warnings and
+        # errors still show. The CLI is a program: it may set its own environment (the
+        # package never does). A value the user set wins.
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+
+    def load():
+        sys.modules["keras_aevb"]._load_everything()  # also checks the Keras backend
+        # The CUDA stub's lines come here; no TensorFlow context is created (a multi-worker
+        # strategy must still be created before any op).
+        sys.modules["tensorflow"].config.list_physical_devices()
+
+    try:
+        _import_quietly(["tensorflow", "keras", "keras_aevb"], show, then=load)
+    except ImportError as e:
+        raise UsageError(" ".join(str(e).split())) from e
+
+
+# ---------------------------------------------------------------- checks (no TensorFlow)
+#
+# Each runs before TensorFlow is imported; what it finds is kept on `args` for the command.
+
+
+def check_train(args):
+    _check_data_files(args.dataset, args.data_dir, ("train", "test"))
+
+
+def _check_model_and_data(args, splits):
+    from keras_aevb import data as data_lib
+
+    args.model_config = _model_archive(args.model)
+    args.data_settings = _data_settings(args, _run_config(args.model))
+    dataset, data_dir, _, _ = args.data_settings
+    if dataset == "mnist":
+        splits = [s for s in splits if s in data_lib._MNIST_SPLITS]  # others: the loader says
+    _check_data_files(dataset, data_dir, splits)
+
+
+def check_evaluate(args):
+    _check_model_and_data(args, (args.split,))
+
+
+def check_sample(args):
+    args.out = _out_path(args.out)
+    args.model_config = _model_archive(args.model)
+    if args.rows is not None and args.rows > args.num:
+        raise UsageError(
+            f"--rows {args.rows} is more than --num {args.num} samples; pass --rows {args.num} "
+            "or fewer"
+        )
+    rows, cols = _sample_grid_size(args.num, args.rows)
+    event_shape = _archive_event_shape(args.model_config)
+    _check_picture(rows, cols, event_shape, _GRID_PAD, args.scale, "lower --num or --scale")
+
+
+def check_reconstruct(args):
+    args.out = _out_path(args.out)
+    _check_model_and_data(args, (args.split,))
+    rows, cols = _reconstruction_grid_size(args.num, args.cols)
+    event_shape = _archive_event_shape(args.model_config)
+    _check_picture(rows, cols, event_shape, _GRID_PAD, args.scale, "lower --num or --scale")
+
+
+def check_manifold(args):
+    args.out = _out_path(args.out)
+    args.model_config = _model_archive(args.model)
+    event_shape = _archive_event_shape(args.model_config)
+    _check_picture(args.grid, args.grid, event_shape, 0, args.scale, "lower --grid or --scale")
+
+
+def check_plot(args):
+    args.out = _out_path(args.out, FIGURE_SUFFIXES)
+    for run_dir in args.run_dirs:
+        if not Path(run_dir).is_dir():
+            raise FileNotFoundError(f"run directory not found: {run_dir}")
+
+
 # ------------------------------------------------------------------------------ commands
 
 
 def cmd_train(args):
+    from keras_aevb import training
+
     config = training.TrainConfig(
         dataset=args.dataset,
         output=args.output,
@@ -210,6 +551,10 @@ def cmd_train(args):
 
 def _elbo(model, x, batch_size, seed):
     """Mean SGVB bound over x with the model's L, in nats per datapoint."""
+    import numpy as np
+
+    from keras_aevb import training
+
     if not hasattr(model, "elbo"):  # a model that only reports an `elbo` metric
         import keras
 
@@ -231,9 +576,13 @@ def cmd_evaluate(args):
     null for K = 0), `num_examples`, `binarization` (the method), `evaluated_on` (for dynamic:
     which fixed draw), `split`, `dataset`, and with K > 0 `method` and `num_samples`.
     """
+    import numpy as np
+
+    from keras_aevb import training
+
     model = load_model(args.model)
-    run_config = _run_config(args.model)
-    dataset, data_dir, binarization, seed = _data_settings(args, run_config, model)
+    dataset, data_dir, binarization, seed = args.data_settings
+    _check_likelihood(model, binarization)
     x, info = training.load_eval_split(
         dataset, data_dir, args.split, binarization, seed=seed, num_examples=args.max_examples
     )
@@ -273,71 +622,70 @@ def cmd_evaluate(args):
 
 
 def cmd_sample(args):
-    out = _out_path(args.out)
+    from keras_aevb import plotting
+
     model = load_model(args.model)
+    rows, cols = _sample_grid_size(args.num, args.rows)
+    fix = "lower --num or --scale"
+    _check_picture(rows, cols, model.event_shape, _GRID_PAD, args.scale, fix)
     grid = plotting.sample_grid(model, args.num, seed=args.seed, rows=args.rows)
-    print(plotting.save_png(out, grid, scale=args.scale))
+    print(plotting.save_image(args.out, grid, scale=args.scale))
     return 0
 
 
 def cmd_reconstruct(args):
-    out = _out_path(args.out)
+    from keras_aevb import plotting, training
+
     model = load_model(args.model)
-    run_config = _run_config(args.model)
-    dataset, data_dir, binarization, seed = _data_settings(args, run_config, model)
+    dataset, data_dir, binarization, seed = args.data_settings
+    _check_likelihood(model, binarization)
+    rows, cols = _reconstruction_grid_size(args.num, args.cols)
+    _check_picture(rows, cols, model.event_shape, _GRID_PAD, args.scale, "lower --num or --scale")
     x, _ = training.load_eval_split(
         dataset, data_dir, args.split, binarization, seed=seed, num_examples=args.num
     )
     _check_event_shape(model, x, dataset)
     grid = plotting.reconstruction_grid(model, x, cols=args.cols)
-    print(plotting.save_png(out, grid, scale=args.scale))
+    print(plotting.save_image(args.out, grid, scale=args.scale))
     return 0
 
 
 def cmd_manifold(args):
-    out = _out_path(args.out)
+    from keras_aevb import plotting
+
     model = load_model(args.model)
     if int(model.latent_dim) != 2:
         raise UsageError(
             f"manifold needs a model with a 2-D latent space, but {args.model} has "
             f"latent_dim={model.latent_dim}; train one with --latent-dim 2"
         )
-    print(plotting.save_png(out, plotting.manifold(model, args.grid), scale=args.scale))
+    fix = "lower --grid or --scale"
+    _check_picture(args.grid, args.grid, model.event_shape, 0, args.scale, fix)
+    grid = plotting.manifold(model, args.grid)
+    print(plotting.save_image(args.out, grid, scale=args.scale))
     return 0
 
 
 def cmd_plot(args):
-    out = _out_path(args.out)
-    print(plotting.plot_bound(args.run_dirs, out, title=args.title))
+    from keras_aevb import plotting
+
+    print(plotting.plot_bound(args.run_dirs, args.out, title=args.title))
     return 0
 
 
-def _next_version(base):
-    try:
-        from keras_aevb.export import next_version
-    except ImportError:
-        versions = [int(p.name) for p in base.glob("*") if p.is_dir() and p.name.isdigit()]
-        return max(versions, default=0) + 1
-    return next_version(base)
-
-
 def cmd_export(args):
-    model = load_model(args.model)
+    """Exports RUN_DIR/model.keras as a new version under the model's base directory.
+
+    The path is the base directory, as for `keras_aevb.export_saved_model`: the version
+    (`--version`, default the next free one) goes under it.
+    """
     try:
-        from keras_aevb.export import export_saved_model
+        from keras_aevb.export import check_base_dir, export_saved_model
     except ImportError as e:
         raise UsageError(f"export needs keras_aevb.export, which is not available ({e})") from None
-    base = Path(args.path)
-    if base.exists() and not base.is_dir():
-        raise UsageError(f"{base} is a file; pass a directory such as saved_models/NAME")
-    version = args.version if args.version is not None else _next_version(base)
-    target = base / str(version)
-    if target.exists() and any(target.iterdir()):
-        raise FileExistsError(
-            f"{target} exists and is not empty; exported versions are never overwritten: "
-            f"pass --version {_next_version(base)} or leave --version out"
-        )
-    print(export_saved_model(model, target))
+    check_base_dir(args.path, args.version, args.force)  # before the model is loaded
+    model = load_model(args.model)
+    print(export_saved_model(model, args.path, args.version, force=args.force))
     return 0
 
 
@@ -357,7 +705,7 @@ def _add_data_flags(parser, dataset_required=False):
     )
     parser.add_argument(
         "--binarization",
-        choices=data_lib.BINARIZATIONS,
+        choices=BINARIZATIONS,
         help="default: the run's, else dynamic (MNIST) / none (Frey Face); 'dynamic' is "
         "evaluated on one fixed Bernoulli draw seeded by --seed",
     )
@@ -365,18 +713,34 @@ def _add_data_flags(parser, dataset_required=False):
     parser.add_argument("--seed", type=int, help="seed (default: the run's, else 0)")
 
 
+def _add_picture_flags(parser, what):
+    parser.add_argument(
+        "--scale",
+        type=_capped_int(MAX_SCALE),
+        default=1,
+        help=f"pixel upscaling, 1 to {MAX_SCALE} (default 1)",
+    )
+    parser.add_argument(
+        "--out",
+        required=True,
+        help=f"the picture to write ({', '.join(IMAGE_SUFFIXES)}: the suffix names "
+        f"the format); {what} at most {MAX_PICTURE_SIDE} x {MAX_PICTURE_SIDE} pixels after "
+        "--scale",
+    )
+
+
 def build_parser():
     """The argparse parser of `keras-aevb` (one subparser per command)."""
-    from keras_aevb.families import FAMILIES
-    from keras_aevb.prior import PRIORS
-
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG,
         description="Auto-Encoding Variational Bayes (Kingma & Welling, arXiv:1312.6114) on "
         "Keras 3: train, evaluate and draw the paper's models.",
     )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     parser.add_argument(
-        "--traceback", action="store_true", help="show the traceback of errors (for debugging)"
+        "--traceback",
+        action="store_true",
+        help="show the traceback of errors (exit status still 2) and TensorFlow's start-up logs",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -390,7 +754,7 @@ def build_parser():
         "config.json, history.csv, checkpoints/ and logs/ (TensorBoard) into --output; "
         "rerunning the same command on that directory resumes after the last finished epoch.",
     )
-    p.add_argument("--dataset", required=True, choices=data_lib.DATASETS)
+    p.add_argument("--dataset", required=True, choices=DATASETS)
     p.add_argument("--data-dir", help="directory with the data files (see `evaluate -h`)")
     p.add_argument("--output", required=True, metavar="RUN_DIR", help="the run directory")
     p.add_argument("--latent-dim", type=_positive_int, default=20, help="N_z (default 20)")
@@ -401,12 +765,12 @@ def build_parser():
     )
     p.add_argument(
         "--decoder",
-        choices=training.DECODERS,
+        choices=DECODERS,
         default="auto",
         help="auto: Bernoulli for MNIST, Gaussian for Frey Face",
     )
-    p.add_argument("--posterior", choices=list(FAMILIES), default="normal")
-    p.add_argument("--prior", choices=list(PRIORS), default="standard_normal")
+    p.add_argument("--posterior", choices=POSTERIORS, default="normal")
+    p.add_argument("--prior", choices=PRIOR_NAMES, default="standard_normal")
     p.add_argument(
         "--estimator",
         choices=("auto", "analytic_kl", "monte_carlo"),
@@ -432,7 +796,7 @@ def build_parser():
         "--train-examples", type=_positive_int, help="use only the first N training examples"
     )
     p.add_argument("--test-examples", type=_positive_int, help="use only the first N test examples")
-    p.add_argument("--optimizer", choices=training.OPTIMIZERS, default="adagrad")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adagrad")
     p.add_argument(
         "--learning-rate",
         type=_learning_rate,
@@ -453,21 +817,22 @@ def build_parser():
     )
     p.add_argument(
         "--binarization",
-        choices=data_lib.BINARIZATIONS,
+        choices=BINARIZATIONS,
         help="default: dynamic for MNIST, none for Frey Face",
     )
     p.add_argument("--seed", type=int, default=0, help="default 0")
-    p.add_argument("--method", choices=training.METHODS, default="aevb")
-    p.add_argument("--strategy", choices=training.STRATEGIES, default="default")
+    p.add_argument("--method", choices=METHODS, default="aevb")
+    p.add_argument("--strategy", choices=STRATEGIES, default="default")
     p.add_argument(
         "--verbose",
         type=int,
         choices=(0, 1, 2),
         default=1,
-        help="0 silent, 1 progress bar (default), 2 one line per epoch",
+        help="0 silent, 1 progress bar (default), 2 one line per epoch and TensorFlow's "
+        "start-up logs",
     )
     p.add_argument("--no-tensorboard", action="store_true", help="do not write logs/")
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=cmd_train, check=check_train)
 
     # ---- evaluate
     p = commands.add_parser(
@@ -485,37 +850,49 @@ def build_parser():
     p.add_argument("--method", choices=("importance", "hmc"), default="importance")
     p.add_argument("--max-examples", type=_positive_int, help="use the first N examples")
     p.add_argument("--batch-size", type=_positive_int, default=100)
-    p.set_defaults(func=cmd_evaluate)
+    p.set_defaults(func=cmd_evaluate, check=check_evaluate)
 
     # ---- sample
     p = commands.add_parser("sample", help="draw samples from the model (paper Fig. 5)")
     p.add_argument("model", help="RUN_DIR/model.keras")
-    p.add_argument("--num", type=_positive_int, default=100, help="number of samples")
+    p.add_argument(
+        "--num",
+        type=_capped_int(MAX_SAMPLES),
+        default=100,
+        help=f"number of samples, 1 to {MAX_SAMPLES} (default 100)",
+    )
     p.add_argument("--rows", type=_positive_int, help="grid rows (default: near square)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--scale", type=_positive_int, default=1, help="pixel upscaling")
-    p.add_argument("--out", required=True, help="the PNG to write")
-    p.set_defaults(func=cmd_sample)
+    _add_picture_flags(p, "a grid of")
+    p.set_defaults(func=cmd_sample, check=check_sample)
 
     # ---- reconstruct
     p = commands.add_parser("reconstruct", help="draw data and their reconstructions")
     p.add_argument("model", help="RUN_DIR/model.keras")
     _add_data_flags(p)
-    p.add_argument("--num", type=_positive_int, default=20, help="number of examples")
+    p.add_argument(
+        "--num",
+        type=_capped_int(MAX_SAMPLES),
+        default=20,
+        help=f"number of examples, 1 to {MAX_SAMPLES} (default 20)",
+    )
     p.add_argument("--cols", type=_positive_int, default=10, help="examples per row")
-    p.add_argument("--scale", type=_positive_int, default=1, help="pixel upscaling")
-    p.add_argument("--out", required=True, help="the PNG to write")
-    p.set_defaults(func=cmd_reconstruct)
+    _add_picture_flags(p, "a grid of")
+    p.set_defaults(func=cmd_reconstruct, check=check_reconstruct)
 
     # ---- manifold
     p = commands.add_parser(
         "manifold", help="draw the learned 2-D manifold (paper Fig. 4); needs latent_dim 2"
     )
     p.add_argument("model", help="RUN_DIR/model.keras")
-    p.add_argument("--grid", type=_positive_int, default=20, help="points per axis")
-    p.add_argument("--scale", type=_positive_int, default=1, help="pixel upscaling")
-    p.add_argument("--out", required=True, help="the PNG to write")
-    p.set_defaults(func=cmd_manifold)
+    p.add_argument(
+        "--grid",
+        type=_capped_int(MAX_GRID),
+        default=20,
+        help=f"points per axis, 1 to {MAX_GRID} (default 20)",
+    )
+    _add_picture_flags(p, "a manifold of")
+    p.set_defaults(func=cmd_manifold, check=check_manifold)
 
     # ---- plot
     p = commands.add_parser(
@@ -523,15 +900,38 @@ def build_parser():
     )
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--title")
-    p.add_argument("--out", required=True, help="the PNG to write")
-    p.set_defaults(func=cmd_plot)
+    p.add_argument(
+        "--out",
+        required=True,
+        help=f"the figure to write ({', '.join(FIGURE_SUFFIXES)}: the suffix names the format)",
+    )
+    p.set_defaults(func=cmd_plot, check=check_plot, tensorflow=False)
 
     # ---- export
-    p = commands.add_parser("export", help="export a TF Serving SavedModel")
+    p = commands.add_parser(
+        "export",
+        help="export a TF Serving SavedModel as a new version under saved_models/NAME",
+        description="Writes the model as a SavedModel to BASE_DIR/VERSION, TF Serving's "
+        "layout; prints that path. BASE_DIR is the model's base directory (TF Serving's "
+        "--model_base_path), not a version directory: the same path that "
+        "keras_aevb.export_saved_model takes. The version appears whole or not at all (written "
+        "beside it and renamed), and an existing version is never overwritten.",
+    )
     p.add_argument("model", help="RUN_DIR/model.keras")
-    p.add_argument("path", help="saved_models/NAME: the version directory goes under it")
+    p.add_argument(
+        "path",
+        metavar="BASE_DIR",
+        help="the model's base directory, e.g. saved_models/mnist_vae; the version directory "
+        "goes under it",
+    )
     p.add_argument(
         "--version", type=_positive_int, help="version number (default: the next free one)"
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="export even into a BASE_DIR that looks like a version directory (an all-digit "
+        "name, or one holding saved_model.pb) or whose newest version has other signatures",
     )
     p.set_defaults(func=cmd_export)
     return parser
@@ -544,23 +944,55 @@ def _one_line(error):
     return text or type(error).__name__
 
 
+def _parse(parser, argv):
+    """Parses argv; an argument error raises UsageError (one line, with the command's hint)."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        raise UsageError(
+            f"unrecognized arguments: {' '.join(extra)}; see {PROG} {args.command} --help"
+        )
+    return args
+
+
+# What a user can get wrong (exit 2, one line): DataError and UsageError are ValueErrors.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError)
+
+
 def main(argv=None) -> int:
     """Runs `keras-aevb` with `argv` (default: sys.argv[1:]); returns the exit status.
 
-    0 on success, 2 on bad input (usage errors, missing or corrupt data, settings or models
-    that cannot do what was asked), with one line on stderr and no traceback.
+    0 on success; 2 on bad input (usage errors, missing or corrupt data, settings or models
+    that cannot do what was asked), with one line on stderr and no traceback (`--traceback`
+    prints it first); 130 on Ctrl-C, with one line.
     """
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:  # argparse: --help (0) or a usage error (2, message printed)
+        args = _parse(parser, argv)
+    except SystemExit as e:  # --help or --version (0)
         return int(e.code or 0)
+    except UsageError as e:
+        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    show_logs = args.traceback or getattr(args, "verbose", 1) >= 2
     try:
+        if getattr(args, "check", None) is not None:
+            args.check(args)  # before TensorFlow: a bad argument or path answers at once
+        if getattr(args, "tensorflow", True):
+            _start_tensorflow(show_logs)
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as e:
-        # DataError and UsageError are ValueErrors.
+    except KeyboardInterrupt:
         if args.traceback:
-            raise
+            traceback.print_exc()
+        print(INTERRUPTED, file=sys.stderr)
+        return 130
+    except RunWriteError as e:  # a full disk: not bad input; the run resumes once fixed
+        if args.traceback:
+            traceback.print_exc()
+        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
+        return 1
+    except USER_ERRORS as e:
+        if args.traceback:
+            traceback.print_exc()
         print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
         return 2
 

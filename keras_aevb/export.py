@@ -7,7 +7,15 @@ stateless random ops; no `PyFunc`). TF Serving, `saved_model_cli` and `tf.saved_
 process without keras_aevb all run it.
 
 Layout (TF Serving's): `<base>/<version>/saved_model.pb` and `<base>/<version>/variables/`,
-`<version>` a positive integer; `next_version(base)` gives the next free one.
+`<version>` a positive integer; `next_version(base)` gives the next free one. The path given to
+`export_saved_model` (and to `keras-aevb export`) is always `<base>`, the model's directory;
+the version goes under it.
+
+A version directory appears whole or not at all: the SavedModel is written into a temporary
+directory beside it, `<base>/.tmp-<version>-<host>-<pid>` (TF Serving only loads all-digit
+names, so it never sees one), synced to disk, and renamed into place once complete. An export
+that fails or is killed leaves no version directory; the temporary directories of dead processes
+(on this host) are removed by the next export into the same base.
 
 Signatures (a contract: names of inputs and outputs included):
 
@@ -16,6 +24,11 @@ Signatures (a contract: names of inputs and outputs included):
     decode           z [None, latent_dim] float32   -> x_mean (+ x_log_var, Gaussian decoder)
     sample           num_samples int32 [], seed int32 [2] -> x_mean, z   (stateless)
     score            x                              -> elbo [None]   (fixed L and seed)
+
+Resource caps (a request must not size the server's memory): `sample` refuses num_samples above
+`MAX_SAMPLE_NUM_SAMPLES` (10,000) with INVALID_ARGUMENT; `score` runs the batch in chunks of
+`SCORE_CHUNK_DRAWS // L` examples (1,000 at L = 10), one chunk at a time, so its memory beyond
+the request's own tensors does not grow with the batch.
 
 `reconstruction` is the decoder mean at the posterior mean (`AEVB.reconstruct`); `z_mean` is the
 posterior mean E_q[z] (for the normal family the `z_mean` parameter itself).
@@ -31,17 +44,21 @@ Inputs are checked inside the graph, so a server refuses bad requests with INVAL
 NaN or inf anywhere ("x holds NaN or inf"), values outside [0, 1] for a Bernoulli model
 ("x must lie in [0, 1] for a Bernoulli model"), a shape other than the signature's
 (`EnsureShape`: neither a function loaded with `tf.saved_model.load` nor a C++ server checks the
-signature's shape by itself), num_samples < 0.
+signature's shape by itself), num_samples < 0 or above the cap.
 
 Reference: Kingma & Welling, Auto-Encoding Variational Bayes, arXiv:1312.6114.
 """
 
+import errno
 import os
 import pathlib
-import warnings
+import re
+import shutil
+import socket
 
 import keras
 import tensorflow as tf
+from tensorflow.core.protobuf import saved_model_pb2
 
 from keras_aevb.estimator import sgvb_terms
 from keras_aevb.families import get_family
@@ -54,6 +71,18 @@ DEFAULT_SCORE_NUM_SAMPLES = 10
 DEFAULT_SCORE_SEED = 0
 
 SIGNATURE_NAMES = ("serving_default", "encode", "decode", "sample", "score")
+
+# The most samples one `sample` request may ask for: 10,000 MNIST samples are 31 MB of float32
+# x_mean; num_samples = 1e9 would need 3 TB and ended in RESOURCE_EXHAUSTED after 10 s.
+MAX_SAMPLE_NUM_SAMPLES = 10_000
+
+# `score` evaluates at most this many (example, z) pairs at once: SCORE_CHUNK_DRAWS // L examples
+# per chunk (1,000 at L = 10), chunks one after another. Unchunked, a batch of 100,000 MNIST
+# examples at L = 10 needed 7 GB; a chunk of the paper's model needs ~70 MB.
+SCORE_CHUNK_DRAWS = 10_000
+
+_TEMP_PREFIX = ".tmp-"
+_TEMP_NAME = re.compile(r"^\.tmp-(\d+)-(.+)-(\d+)$")
 
 
 class AEVBServingModule(tf.Module):
@@ -126,8 +155,16 @@ class AEVBServingModule(tf.Module):
         return self._decoded(z)
 
     def _sample(self, num_samples, seed):
-        check = tf.debugging.assert_non_negative(num_samples, message="num_samples must be >= 0")
-        with tf.control_dependencies([check]):
+        checks = [
+            tf.debugging.assert_non_negative(num_samples, message="num_samples must be >= 0"),
+            tf.debugging.assert_less_equal(
+                num_samples,
+                tf.constant(MAX_SAMPLE_NUM_SAMPLES, tf.int32),
+                message=f"num_samples must be <= {MAX_SAMPLE_NUM_SAMPLES} (the export's cap; "
+                "send several requests with other seeds for more)",
+            ),
+        ]
+        with tf.control_dependencies(checks):
             # The model's own stateless prior sampler with the caller's seed: the same z as
             # AEVB.sample_z(num_samples, seed=seed) in Python.
             z = self._model.sample_z(num_samples, seed=seed)
@@ -135,15 +172,39 @@ class AEVBServingModule(tf.Module):
         return _float32({"x_mean": outputs["x_mean"], "z": z})
 
     def _score(self, x):
-        """Per-example SGVB bound (eq. 6 or 7, the model's estimator) with fixed L and seed."""
-        model = self._model
+        """Per-example SGVB bound (eq. 6 or 7, the model's estimator) with fixed L and seed.
+
+        The batch runs in chunks of at most `SCORE_CHUNK_DRAWS // L` examples, one at a time
+        (`tf.map_fn`, parallel_iterations=1), so memory stays bounded for any batch size. A
+        batch no larger than a chunk is one chunk, unpadded; a larger one is padded with zeros
+        to whole chunks and the padding's scores dropped. The noise does not depend on the
+        batch (see `_common_noise_sample`), so chunking does not change an example's score.
+        """
         x = self._checked_x(x)
+        chunk = max(1, SCORE_CHUNK_DRAWS // self._score_num_samples)
+        n = tf.shape(x)[0]
+        size = tf.clip_by_value(n, 1, chunk)
+        num_chunks = tf.maximum((n + size - 1) // size, 1)
+        rank = len(self._model.event_shape)
+        padded = tf.pad(x, [[0, num_chunks * size - n]] + [[0, 0]] * rank)
+        chunks = tf.reshape(padded, tf.concat([[num_chunks, size], tf.shape(x)[1:]], 0))
+        elbo = tf.map_fn(
+            self._score_chunk,
+            chunks,
+            fn_output_signature=tf.TensorSpec([None], x.dtype),
+            parallel_iterations=1,
+        )
+        return _float32({"elbo": tf.reshape(elbo, [-1])[:n]})
+
+    def _score_chunk(self, x):
+        """The bound of each example of one chunk `[size, *event_shape]` (x already checked)."""
+        model = self._model
         params = model.encoder(x, training=False)
         posterior = model.posterior_layer.distribution(params)
         z = self._common_noise_sample(params)
         log_px_given_z = model.decoder.log_likelihood(x, model.decoder(z, training=False))
         terms = sgvb_terms(log_px_given_z, posterior, model.prior_distribution, z, model.estimator)
-        return _float32({"elbo": terms["elbo"]})
+        return tf.cast(terms["elbo"], x.dtype)
 
     # ------------------------------------------------------------------ helpers
 
@@ -210,29 +271,42 @@ class AEVBServingModule(tf.Module):
 
 def export_saved_model(
     model,
-    path,
+    base_dir,
+    version=None,
+    *,
+    force=False,
     score_num_samples=DEFAULT_SCORE_NUM_SAMPLES,
     score_seed=DEFAULT_SCORE_SEED,
 ):
-    """Writes a TF Serving SavedModel of an `AEVB` to `path` (a version directory).
+    """Writes a TF Serving SavedModel of an `AEVB` as a new version under `base_dir`.
 
     Args:
         model: a built `keras_aevb.AEVB`, or the path of a `.keras` file holding one.
-        path: the version directory, `<base>/<version>` (e.g. "saved_models/mnist_vae/1");
-            it must not exist yet, or be empty.
+        base_dir: the model's base directory, e.g. "saved_models/mnist_vae" (TF Serving's
+            `--model_base_path`): the SavedModel goes to `<base_dir>/<version>`. Created if
+            missing. (`keras-aevb export MODEL BASE_DIR` takes the same path.)
+        version: the version, a positive integer; None (default): `next_version(base_dir)`.
+        force: also export into a `base_dir` that looks like a version directory (an all-digit
+            name, or one holding saved_model.pb) or whose newest version is another model's
+            (different signatures). An existing version is never overwritten, even so.
         score_num_samples: L of the `score` signature (samples of z per example).
         score_seed: stateless seed of `score`: an int (`[seed, 0]`) or a pair of ints.
 
     Returns:
-        The path written, as a string.
+        The version directory written, `<base_dir>/<version>`, as a string.
 
     Raises:
-        FileExistsError: `path` exists and is not empty (versions are never overwritten).
-        ValueError: the model is not a built AEVB, its posterior has no mean, or L < 1.
+        FileExistsError: `<base_dir>/<version>` exists and is not empty (versions are never
+            overwritten).
+        NotADirectoryError: `base_dir` is a file.
+        ValueError: the model is not a built AEVB, its posterior has no mean, L < 1, a version
+            that is not a positive integer, or (without `force`) a `base_dir` that looks like a
+            version directory or holds another model.
+        OSError: writing failed (e.g. the disk is full); no version directory is left.
 
     Example:
     >>> model = keras_aevb.paper_model("mnist", latent_dim=2, hidden_units=16)
-    >>> path = export_saved_model(model, os.path.join(tmp, "mnist_vae", "1"))
+    >>> path = export_saved_model(model, os.path.join(tmp, "mnist_vae"))  # .../mnist_vae/1
     >>> loaded = tf.saved_model.load(path)
     >>> sorted(loaded.signatures)
     ['decode', 'encode', 'sample', 'score', 'serving_default']
@@ -242,32 +316,36 @@ def export_saved_model(
     _check_model(model)
     if int(score_num_samples) < 1:
         raise ValueError(f"score_num_samples (L) must be at least 1, got {score_num_samples!r}.")
-    path = pathlib.Path(path)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        free = path.parent / str(next_version(path.parent))
-        raise FileExistsError(
-            f"{path} already exists and is not empty; exported versions are never overwritten. "
-            f"Export to a new version directory, e.g. {free}."
-        )
-    if not path.name.isdigit():
-        warnings.warn(
-            f"TF Serving loads versions from <base>/<integer>/, but {path} ends in "
-            f"{path.name!r}: export to e.g. {path / '1'} for TF Serving.",
-            UserWarning,
-            stacklevel=2,
-        )
+    if version is not None and (
+        isinstance(version, bool) or not isinstance(version, int) or version < 1
+    ):
+        raise ValueError(f"version must be a positive integer, got {version!r}.")
+    base = pathlib.Path(base_dir)
+    check_base_dir(base, version, force)
     module = AEVBServingModule(model, score_num_samples, score_seed)
     signatures = module.concrete_functions()
     # Track exactly the variables the signatures read: the model's weights, not its optimizer
     # slots or random-generator state, which a server has no use for.
     module.model_variables = _captured_variables(signatures.values())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # No custom gradients: a server never differentiates, and tracing the gradients of TFP's
-    # special functions (betainc, igammainv: the quantiles of Beta, Gamma, ... priors) would
-    # multiply the export time and the graph's size for nothing.
-    options = tf.saved_model.SaveOptions(experimental_custom_gradients=False)
-    tf.saved_model.save(module, str(path), signatures=signatures, options=options)
-    return str(path)
+    base.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temp_dirs(base)
+    planned = version if version is not None else next_version(base)
+    temp = base / f"{_TEMP_PREFIX}{planned}-{socket.gethostname()}-{os.getpid()}"
+    shutil.rmtree(temp, ignore_errors=True)  # this process's own leftover, if any
+    try:
+        # No custom gradients: a server never differentiates, and tracing the gradients of
+        # TFP's special functions (betainc, igammainv: the quantiles of Beta, Gamma, ... priors)
+        # would multiply the export time and the graph's size for nothing.
+        options = tf.saved_model.SaveOptions(experimental_custom_gradients=False)
+        tf.saved_model.save(module, str(temp), signatures=signatures, options=options)
+        if not force:
+            _check_same_model(base, temp)
+        _sync_tree(temp)
+        target = _rename_into_place(temp, base, version, planned)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    return str(target)
 
 
 def next_version(base_dir):
@@ -277,6 +355,159 @@ def next_version(base_dir):
         return 1
     versions = [int(p.name) for p in base.iterdir() if p.is_dir() and p.name.isdigit()]
     return max(versions, default=0) + 1
+
+
+# ---------------------------------------------------------------------------- the version path
+
+
+def check_base_dir(base_dir, version=None, force=False):
+    """Refuses a base path that cannot be what the caller means, before anything is written.
+
+    The checks of `export_saved_model` on `base_dir` and `version` (see there), without a model:
+    `keras-aevb export` runs them before it loads the model.
+    """
+    base = pathlib.Path(base_dir)
+    if base.exists() and not base.is_dir():
+        raise NotADirectoryError(
+            f"{base} is a file; pass the model's base directory, e.g. saved_models/NAME"
+        )
+    if not force:
+        if base.name.isdigit():
+            hint = f" --version {base.name}" if version is None else ""
+            raise ValueError(
+                f"{base} looks like a version directory (its name is a number), but the path "
+                f"is the model's base directory: versions go under it, so this would write "
+                f"{base / str(version or next_version(base))}, which TF Serving cannot load. "
+                f"Pass {base.parent}{hint} instead (Python: version={base.name}), or --force "
+                "(force=True) for a model directory named by a number."
+            )
+        if (base / "saved_model.pb").exists():
+            raise ValueError(
+                f"{base} holds a saved_model.pb itself: it is a SavedModel (a version "
+                "directory), not a model's base directory. Pass its parent or a new directory, "
+                "or --force (force=True)."
+            )
+    if version is not None:
+        target = base / str(version)
+        if target.exists() and (not target.is_dir() or any(target.iterdir())):
+            free = next_version(base)
+            raise FileExistsError(
+                f"{target} already exists; exported versions are never overwritten. Pass "
+                f"version={free} (--version {free}) or leave the version out for the next "
+                "free one."
+            )
+
+
+def _signature_contract(saved_model_dir):
+    """{signature: (inputs, outputs)} of a SavedModel directory, names, dtypes and shapes; None
+    when it holds no readable SavedModel."""
+    try:
+        proto = saved_model_pb2.SavedModel()
+        proto.ParseFromString((pathlib.Path(saved_model_dir) / "saved_model.pb").read_bytes())
+    except (OSError, ValueError, RuntimeError):  # RuntimeError: protobuf's DecodeError base
+        return None
+    if len(proto.meta_graphs) != 1:
+        return None
+
+    def specs(tensor_infos):
+        return {
+            name: (info.dtype, tuple(d.size for d in info.tensor_shape.dim))
+            for name, info in tensor_infos.items()
+        }
+
+    contract = {
+        name: (specs(signature.inputs), specs(signature.outputs))
+        for name, signature in proto.meta_graphs[0].signature_def.items()
+        if not name.startswith("__")
+    }
+    return contract or None
+
+
+def _check_same_model(base, new_dir):
+    """Refuses a new version whose signatures differ from the newest readable version's."""
+    versions = sorted(
+        (int(p.name) for p in base.iterdir() if p.is_dir() and p.name.isdigit()), reverse=True
+    )
+    for existing in versions:
+        old = _signature_contract(base / str(existing))
+        if old is None:
+            continue  # not a readable SavedModel: nothing to compare with
+        new = _signature_contract(new_dir)
+        if old != new:
+            differing = sorted(
+                name for name in set(old) | set(new) if old.get(name) != new.get(name)
+            )
+            raise ValueError(
+                f"{base} holds a SavedModel of another model: version {existing} has different "
+                f"signatures ({', '.join(differing)} differ in names, dtypes or shapes), and TF "
+                "Serving would serve the new version in its place to the same clients. Export "
+                "to another base directory, or pass --force (force=True) to add it anyway."
+            )
+        return
+
+
+def _remove_stale_temp_dirs(base):
+    """Removes the temporary directories that dead processes of this host left in `base`."""
+    host = socket.gethostname()
+    for path in base.iterdir():
+        match = _TEMP_NAME.match(path.name)
+        if not match or match.group(2) != host or not path.is_dir():
+            continue
+        if not _process_alive(int(match.group(3))):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _process_alive(pid):
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _sync_tree(root):
+    """fsyncs every file and directory under `root`, so that the rename publishes whole files."""
+    for directory, _, files in os.walk(root):
+        for name in files:
+            _fsync(os.path.join(directory, name), os.O_RDONLY)
+        _fsync(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+
+
+def _fsync(path, flags):
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _rename_into_place(temp, base, version, planned):
+    """Renames the finished export to `<base>/<version>` (atomic); returns that path.
+
+    Without a fixed version, a number another export took meanwhile is skipped.
+    """
+    candidate = planned
+    while True:
+        target = base / str(candidate)
+        try:
+            os.rename(temp, target)  # replaces only a missing or empty directory
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+                raise
+            if version is not None:
+                free = next_version(base)
+                raise FileExistsError(
+                    f"{target} already exists; exported versions are never overwritten. Pass "
+                    f"version={free} (--version {free}) or leave the version out."
+                ) from None
+            candidate = max(candidate + 1, next_version(base))
+            continue
+        _fsync(base, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        return target
 
 
 def _load_keras_file(path):

@@ -11,6 +11,7 @@ import json
 import os
 import pathlib
 import re
+import socket
 import subprocess
 import sys
 
@@ -22,6 +23,7 @@ from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow.python.framework import op_def_registry
 
 import keras_aevb
+from keras_aevb import export as export_module
 from keras_aevb.export import (
     DEFAULT_SCORE_NUM_SAMPLES,
     DEFAULT_SCORE_SEED,
@@ -76,16 +78,16 @@ class Export:
 @pytest.fixture(scope="module")
 def bernoulli(tmp_path_factory):
     model = tiny_model(BERNOULLI_EVENT, keras_aevb.BernoulliDecoder)
-    path = tmp_path_factory.mktemp("saved_models") / "mnist_vae" / "1"
-    return Export(model, export_saved_model(model, path), binary_x())
+    base = tmp_path_factory.mktemp("saved_models") / "mnist_vae"
+    return Export(model, export_saved_model(model, base), binary_x())
 
 
 @pytest.fixture(scope="module")
 def gaussian(tmp_path_factory):
     # Estimator A (Monte Carlo KL) here, B (analytic KL) in the Bernoulli model: score covers both.
     model = tiny_model(GAUSSIAN_EVENT, keras_aevb.GaussianDecoder, estimator="monte_carlo")
-    path = tmp_path_factory.mktemp("saved_models") / "frey_vae" / "1"
-    return Export(model, export_saved_model(model, path), grey_x())
+    base = tmp_path_factory.mktemp("saved_models") / "frey_vae"
+    return Export(model, export_saved_model(model, base), grey_x())
 
 
 @pytest.fixture(params=["bernoulli", "gaussian"])
@@ -226,7 +228,7 @@ def test_score_settings_are_arguments_of_the_export(tmp_path):
     model = tiny_model(BERNOULLI_EVENT, keras_aevb.BernoulliDecoder)
     x = binary_x(3)
     loaded = tf.saved_model.load(
-        export_saved_model(model, tmp_path / "1", score_num_samples=3, score_seed=(5, 7))
+        export_saved_model(model, tmp_path / "m", score_num_samples=3, score_seed=(5, 7))
     )
     assert int(loaded.score_num_samples.numpy()) == 3
     np.testing.assert_array_equal(loaded.score_seed.numpy(), [5, 7])
@@ -235,7 +237,7 @@ def test_score_settings_are_arguments_of_the_export(tmp_path):
     expected = [model.elbo(x[i : i + 1], num_samples=3, seed=seed)[0] for i in range(3)]
     np.testing.assert_allclose(score, expected, rtol=1e-5)
     with pytest.raises(ValueError, match="at least 1"):
-        export_saved_model(model, tmp_path / "2", score_num_samples=0)
+        export_saved_model(model, tmp_path / "m", score_num_samples=0)
 
 
 # ---------------------------------------------------------------------------- bad input
@@ -287,11 +289,61 @@ def test_bad_z_num_samples_and_seed_are_refused(bernoulli):
     _refused(bernoulli, "sample", "expected to be a int", num_samples=np.int64(2), seed=seed)
 
 
+def test_sample_num_samples_is_capped(bernoulli):
+    # 10,000 MNIST samples are 31 MB of float32 output; 1e9 asked for 3 TB and ran out of
+    # memory after 10 s. The cap is checked in the graph: a server answers INVALID_ARGUMENT.
+    assert export_module.MAX_SAMPLE_NUM_SAMPLES == 10_000
+    seed = np.array([3, 4], np.int32)
+    at_cap = bernoulli("sample", num_samples=np.int32(10_000), seed=seed)
+    np.testing.assert_allclose(at_cap["z"], bernoulli.model.sample_z(10_000, seed=seed), atol=1e-5)
+    for too_many in (10_001, 10**9):
+        _refused(
+            bernoulli,
+            "sample",
+            "num_samples must be <= 10000",
+            num_samples=np.int32(too_many),
+            seed=seed,
+        )
+
+
+def test_score_of_a_large_batch_runs_in_chunks_with_the_same_numbers(bernoulli, tmp_path):
+    model, x = bernoulli.model, binary_x(7, seed=3)
+    # Chunks of 2 examples (20 draws of z at L = 10): 4 chunks, the last one padded.
+    original = export_module.SCORE_CHUNK_DRAWS
+    export_module.SCORE_CHUNK_DRAWS = 2 * DEFAULT_SCORE_NUM_SAMPLES
+    try:
+        chunked = tf.saved_model.load(export_saved_model(model, tmp_path / "chunked"))
+    finally:
+        export_module.SCORE_CHUNK_DRAWS = original
+    score = chunked.signatures["score"](x=tf.constant(x))["elbo"].numpy()
+    assert score.shape == (7,)
+    # Against the default export, where 7 examples are one chunk: the same per-example graph,
+    # run on 2 rows instead of 7. Matrix products of another row count may sum in another order:
+    # rtol 1e-6 (float32 rounding of ~500-nat sums is ~3e-5 absolute, i.e. 6e-8 relative).
+    np.testing.assert_allclose(score, bernoulli("score", x=x)["elbo"], rtol=1e-6)
+    expected = [
+        model.elbo(x[i : i + 1], num_samples=DEFAULT_SCORE_NUM_SAMPLES, seed=0)[0]
+        for i in range(len(x))
+    ]
+    np.testing.assert_allclose(score, expected, rtol=1e-5)
+    assert np.ptp(score) > 1e-3
+    # A chunk boundary inside the batch changes nothing for one example either.
+    one = chunked.signatures["score"](x=tf.constant(x[4:5]))["elbo"].numpy()
+    np.testing.assert_allclose(one, score[4:5], rtol=1e-6)
+    empty = chunked.signatures["score"](x=tf.zeros([0, *BERNOULLI_EVENT]))["elbo"].numpy()
+    assert empty.shape == (0,)
+
+
 def test_a_gaussian_model_takes_values_outside_0_1(gaussian):
     # The [0, 1] check is the Bernoulli likelihood's (a probability of binary data); a Gaussian
     # density is defined everywhere, so its export must not refuse such x.
-    scores = gaussian("score", x=np.full((2, *GAUSSIAN_EVENT), 1.5, np.float32))["elbo"]
-    assert np.all(np.isfinite(scores))
+    x = np.stack([np.full(GAUSSIAN_EVENT, 1.5), np.full(GAUSSIAN_EVENT, -0.5)]).astype(np.float32)
+    scores = gaussian("score", x=x)["elbo"]
+    expected = [
+        gaussian.model.elbo(x[i : i + 1], num_samples=DEFAULT_SCORE_NUM_SAMPLES, seed=0)[0]
+        for i in range(2)
+    ]
+    np.testing.assert_allclose(scores, expected, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------- serving paths
@@ -474,14 +526,23 @@ def test_readme_request_bodies_fit_the_paper_mnist_signatures(tmp_path):
     # The README's complete JSON bodies are for the paper's MNIST model (J = 20, 28x28); the
     # hidden size does not change the signatures, so a 16-unit model stands in for it.
     model = keras_aevb.paper_model("mnist", 20, hidden_units=16, seed=0)
-    loaded = tf.saved_model.load(export_saved_model(model, tmp_path / "1"))
+    loaded = tf.saved_model.load(export_saved_model(model, tmp_path / "mnist_vae"))
     bodies = _readme_bodies()
-    assert {body["signature_name"] for body in bodies} >= {"decode", "sample"}
+    # What each body's answer must be: the Keras model's own methods on the same inputs.
+    expected = {
+        "decode": lambda f: {"x_mean": model.decode(f["z"])},
+        "sample": lambda f: {
+            "x_mean": model.sample(int(f["num_samples"]), seed=f["seed"]),
+            "z": model.sample_z(int(f["num_samples"]), seed=f["seed"]),
+        },
+    }
+    assert {body["signature_name"] for body in bodies} == set(expected)
     for body in bodies:
         function = loaded.signatures[body["signature_name"]]
         feeds = _decode_rest_body(body, function.structured_input_signature[1])
         outputs = function(**feeds)
-        assert all(np.all(np.isfinite(v.numpy())) for v in outputs.values())
+        for name, value in expected[body["signature_name"]](feeds).items():
+            np.testing.assert_allclose(outputs[name].numpy(), value, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------- families
@@ -534,9 +595,9 @@ def test_every_posterior_family_with_a_mean_exports(name, tmp_path):
     model = _family_model(family)
     if not _has_mean(family):
         with pytest.raises(ValueError, match="has no mean"):
-            export_saved_model(model, tmp_path / "1")
+            export_saved_model(model, tmp_path / "m")
         return
-    export = Export(model, export_saved_model(model, tmp_path / "1"), binary_x(4))
+    export = Export(model, export_saved_model(model, tmp_path / "m"), binary_x(4))
     x = export.x
     assert sorted(export.loaded.signatures["encode"].structured_outputs) == sorted(
         family.param_names
@@ -567,19 +628,152 @@ def test_next_version(tmp_path):
     assert next_version(tmp_path) == 4
 
 
+def test_the_path_is_the_models_base_directory_and_versions_go_under_it(tmp_path):
+    model = tiny_model(BERNOULLI_EVENT, keras_aevb.BernoulliDecoder)
+    base = tmp_path / "saved_models" / "mnist_vae"
+    assert export_saved_model(model, base) == str(base / "1")
+    assert export_saved_model(model, str(base)) == str(base / "2")
+    assert export_saved_model(model, base, version=7) == str(base / "7")
+    assert export_saved_model(model, base) == str(base / "8")
+    # Only the versions: no temporary directory is left beside them.
+    assert sorted(p.name for p in base.iterdir()) == ["1", "2", "7", "8"]
+    for bad in (0, -1, "latest", 1.5):
+        with pytest.raises(ValueError, match="positive integer"):
+            export_saved_model(model, base, version=bad)
+
+
 def test_an_existing_version_is_never_overwritten(bernoulli):
     base = pathlib.Path(bernoulli.path).parent
     before = (pathlib.Path(bernoulli.path) / "saved_model.pb").read_bytes()
-    with pytest.raises(FileExistsError, match=r"never overwritten.*mnist_vae[/\\]2"):
-        export_saved_model(bernoulli.model, bernoulli.path)
+    with pytest.raises(FileExistsError, match=r"never overwritten.*version=2"):
+        export_saved_model(bernoulli.model, base, version=1)
+    # Not even with force: force only overrides the base directory checks.
+    with pytest.raises(FileExistsError, match="never overwritten"):
+        export_saved_model(bernoulli.model, base, version=1, force=True)
     assert (pathlib.Path(bernoulli.path) / "saved_model.pb").read_bytes() == before
     assert next_version(base) == 2
+    assert sorted(p.name for p in base.iterdir()) == ["1"]
+
+
+def test_a_base_directory_that_looks_like_a_version_is_refused_unless_forced(tmp_path):
+    model = tiny_model(BERNOULLI_EVENT, keras_aevb.BernoulliDecoder)
+    base = tmp_path / "mnist_vae"
+    version_dir = export_saved_model(model, base)
+    # The mistake of the old CLI: a version directory given as the base would get base/1/1,
+    # a directory TF Serving cannot load. Refused whether or not it exists yet.
+    for looks_like_a_version in (version_dir, base / "2"):
+        with pytest.raises(ValueError, match=r"looks like a version directory.*mnist_vae"):
+            export_saved_model(model, looks_like_a_version)
+    assert sorted(p.name for p in base.iterdir()) == ["1"]
+    assert sorted(p.name for p in pathlib.Path(version_dir).iterdir()) == sorted(
+        ["assets", "fingerprint.pb", "saved_model.pb", "variables"]
+    )
+    # A SavedModel directory under another name is no base directory either.
+    plain = tmp_path / "exported"
+    export_saved_model(model, plain, version=1)
+    (plain / "1").rename(tmp_path / "single")
+    with pytest.raises(ValueError, match="holds a saved_model.pb itself"):
+        export_saved_model(model, tmp_path / "single")
+    # force: the caller means it (a model whose name is a number).
+    assert export_saved_model(model, base / "2", force=True) == str(base / "2" / "1")
+
+
+def test_a_base_directory_of_another_model_is_refused_unless_forced(bernoulli, tmp_path):
+    base = tmp_path / "mnist_vae"
+    export_saved_model(bernoulli.model, base)
+    other = tiny_model(GAUSSIAN_EVENT, keras_aevb.GaussianDecoder)  # other x shape, x_log_var
+    with pytest.raises(ValueError, match=r"another model.*different signatures.*force"):
+        export_saved_model(other, base)
+    assert sorted(p.name for p in base.iterdir()) == ["1"]  # nothing written, no temp left
+    # The same architecture with other weights (a retrained model) is a new version.
+    retrained = tiny_model(BERNOULLI_EVENT, keras_aevb.BernoulliDecoder)
+    retrained.set_weights([w + 0.1 for w in retrained.get_weights()])
+    assert export_saved_model(retrained, base) == str(base / "2")
+    assert export_saved_model(other, base, force=True) == str(base / "3")
+
+
+# ---------------------------------------------------------------------------- failed exports
+
+PARTIAL_SAVE = """
+import os, sys, signal, pathlib
+import tensorflow as tf
+import keras, keras_aevb
+from keras_aevb.export import export_saved_model
+
+def partial_save(obj, export_dir, *args, **kwargs):
+    # What a save cut short leaves: a graph file and no variables.
+    pathlib.Path(export_dir).mkdir(parents=True, exist_ok=True)
+    (pathlib.Path(export_dir) / "saved_model.pb").write_bytes(b"half a graph")
+    print("PARTIAL " + str(export_dir), flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+tf.saved_model.save = partial_save
+encoder = keras_aevb.MLPEncoder(2, (4,))
+model = keras_aevb.AEVB(encoder, keras_aevb.BernoulliDecoder((4, 4), (4,)), seed=0)
+model.build((None, 4, 4))
+export_saved_model(model, sys.argv[1])
+"""
+
+
+def _version_dirs(base):
+    return sorted(p.name for p in pathlib.Path(base).iterdir() if p.name.isdigit())
+
+
+def test_a_failure_mid_export_leaves_no_version_directory(tmp_path, monkeypatch):
+    model = tiny_model(BERNOULLI_EVENT, keras_aevb.BernoulliDecoder)
+    base = tmp_path / "mnist_vae"
+    real_save = tf.saved_model.save
+
+    def failing_save(obj, export_dir, *args, **kwargs):
+        real_save(obj, export_dir, *args, **kwargs)
+        # The graph and the weights are written; then the disk fills up.
+        (pathlib.Path(export_dir) / "saved_model.pb").write_bytes(b"truncated")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tf.saved_model, "save", failing_save)
+    with pytest.raises(OSError, match="No space left"):
+        export_saved_model(model, base)
+    assert list(base.iterdir()) == []  # no version, and the temporary directory removed
+    monkeypatch.setattr(tf.saved_model, "save", real_save)
+    path = export_saved_model(model, base)
+    assert path == str(base / "1")
+    score = tf.saved_model.load(path).signatures["score"](x=tf.constant(binary_x(2)))["elbo"]
+    expected = [
+        model.elbo(binary_x(2)[i : i + 1], num_samples=DEFAULT_SCORE_NUM_SAMPLES, seed=0)[0]
+        for i in range(2)
+    ]
+    np.testing.assert_allclose(score.numpy(), expected, rtol=1e-5)
+
+
+def test_a_killed_export_leaves_no_version_and_the_next_export_cleans_up(tmp_path):
+    base = tmp_path / "mnist_vae"
+    script = tmp_path / "partial_save.py"
+    script.write_text(PARTIAL_SAVE)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="3")
+    process = subprocess.run(
+        [sys.executable, str(script), str(base)],
+        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert process.returncode == -9, process.stderr[-3000:]
+    assert "PARTIAL" in process.stdout, process.stderr[-3000:]
+    # TF Serving would serve the highest all-digit directory: there is none.
+    assert _version_dirs(base) == []
+    (stale,) = base.iterdir()
+    assert not stale.name.isdigit() and (stale / "saved_model.pb").is_file()
+    # A live process's temporary directory (this process's pid) is left alone; the dead one's
+    # is removed by the next export.
+    live = base / f".tmp-9-{socket.gethostname()}-{os.getpid()}"
+    live.mkdir()
+    model = tiny_model(BERNOULLI_EVENT, keras_aevb.BernoulliDecoder)
+    assert export_saved_model(model, base) == str(base / "1")
+    assert sorted(p.name for p in base.iterdir()) == sorted(["1", live.name])
 
 
 def test_export_from_a_keras_file_and_argument_errors(tmp_path):
     model = tiny_model(GAUSSIAN_EVENT, keras_aevb.GaussianDecoder)
     model.save(tmp_path / "model.keras")
-    path = export_saved_model(str(tmp_path / "model.keras"), tmp_path / "frey_vae" / "1")
+    path = export_saved_model(str(tmp_path / "model.keras"), tmp_path / "frey_vae")
+    assert path == str(tmp_path / "frey_vae" / "1")
     loaded = tf.saved_model.load(path)
     x = grey_x(2)
     np.testing.assert_allclose(
@@ -588,16 +782,51 @@ def test_export_from_a_keras_file_and_argument_errors(tmp_path):
         atol=1e-5,
     )
     with pytest.raises(ValueError, match=r"\.keras file"):
-        export_saved_model(str(tmp_path / "model.h5"), tmp_path / "x" / "1")
+        export_saved_model(str(tmp_path / "model.h5"), tmp_path / "x")
     with pytest.raises(FileNotFoundError):
-        export_saved_model(str(tmp_path / "absent.keras"), tmp_path / "x" / "1")
+        export_saved_model(str(tmp_path / "absent.keras"), tmp_path / "x")
     with pytest.raises(ValueError, match="keras_aevb.AEVB"):
-        export_saved_model(keras.Sequential([keras.layers.Dense(1)]), tmp_path / "x" / "1")
+        export_saved_model(keras.Sequential([keras.layers.Dense(1)]), tmp_path / "x")
     unbuilt = keras_aevb.AEVB(
         keras_aevb.MLPEncoder(2, (4,)), keras_aevb.BernoulliDecoder((3, 3), (4,))
     )
     with pytest.raises(ValueError, match="not built"):
-        export_saved_model(unbuilt, tmp_path / "x" / "1")
-    with pytest.warns(UserWarning, match="TF Serving loads versions"):
-        export_saved_model(model, tmp_path / "not_a_version")
+        export_saved_model(unbuilt, tmp_path / "x")
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(NotADirectoryError, match="a_file"):
+        export_saved_model(model, tmp_path / "a_file")
     assert not os.path.exists(tmp_path / "x")
+
+
+# ---------------------------------------------------------------------------- the CLI
+
+
+def test_cli_export_takes_the_base_directory_like_python(tmp_path, capsys):
+    from keras_aevb.cli import main
+
+    model = tiny_model(BERNOULLI_EVENT, keras_aevb.BernoulliDecoder)
+    model.save(tmp_path / "model.keras")
+    base = tmp_path / "saved_models" / "mnist_vae"
+    keras_file = str(tmp_path / "model.keras")
+    assert main(["export", keras_file, str(base)]) == 0
+    assert capsys.readouterr().out.strip() == str(base / "1")
+    assert main(["export", keras_file, str(base), "--version", "5"]) == 0
+    assert capsys.readouterr().out.strip() == str(base / "5")
+    # The version directory as the path: refused (it used to write .../5/1), one line, exit 2.
+    assert main(["export", keras_file, str(base / "5")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("keras-aevb: error: ")
+    assert "looks like a version directory" in err and f"{base} --version 5" in err
+    assert main(["export", keras_file, str(base), "--version", "5"]) == 2
+    assert "never overwritten" in capsys.readouterr().err
+    # Another model's directory: refused unless --force.
+    other = tiny_model(GAUSSIAN_EVENT, keras_aevb.GaussianDecoder)
+    other.save(tmp_path / "other.keras")
+    assert main(["export", str(tmp_path / "other.keras"), str(base)]) == 2
+    assert "different signatures" in capsys.readouterr().err
+    assert _version_dirs(base) == ["1", "5"]
+    assert main(["export", str(tmp_path / "other.keras"), str(base), "--force"]) == 0
+    assert capsys.readouterr().out.strip() == str(base / "6")
+    assert main(["export", "--help"]) == 0
+    help_text = capsys.readouterr().out
+    assert "base directory" in help_text and "--force" in help_text
