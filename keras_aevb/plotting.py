@@ -7,7 +7,7 @@ touches a display, and a notebook's inline plots keep working.
 
 Example:
 >>> grid = image_grid(model.sample(100, seed=0), rows=10, cols=10)  # doctest: +SKIP
->>> save_png("samples.png", grid)  # doctest: +SKIP
+>>> save_image("samples.png", grid)  # doctest: +SKIP
 
 Reference: Kingma & Welling, "Auto-Encoding Variational Bayes", arXiv:1312.6114, Fig. 2, 4, 5.
 """
@@ -31,10 +31,44 @@ __all__ = [
     "read_history",
     "reconstruction_grid",
     "sample_grid",
+    "save_image",
     "save_png",
 ]
 
 HISTORY_COLUMNS = ("epoch", "examples_seen", "seconds", "train_elbo", "test_elbo")
+
+# The file's suffix names the format written, and only these are written (a picture named
+# x.jpg holds JPEG bytes). Grey image grids go through Pillow (`save_image`), figures through
+# Matplotlib (`plot_bound`).
+IMAGE_FORMATS = {
+    ".png": "PNG",
+    ".jpg": "JPEG",
+    ".jpeg": "JPEG",
+    ".tif": "TIFF",
+    ".tiff": "TIFF",
+    ".bmp": "BMP",
+}
+FIGURE_FORMATS = {
+    ".png": "png",
+    ".pdf": "pdf",
+    ".svg": "svg",
+    ".jpg": "jpg",
+    ".jpeg": "jpeg",
+    ".tif": "tif",
+    ".tiff": "tiff",
+    ".eps": "eps",
+}
+
+
+def _format(path, formats):
+    """The format named by `path`'s suffix, or a ValueError naming the ones that work."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in formats:
+        raise ValueError(
+            f"cannot write {str(path)!r}: the suffix names the format; use one of "
+            f"{', '.join(formats)}"
+        )
+    return formats[suffix]
 
 
 def _figure(**kwargs):
@@ -100,11 +134,12 @@ def image_grid(images, rows=None, cols=None, pad=2, pad_value=1.0, image_shape=N
     return np.clip(grid, 0.0, 1.0)
 
 
-def save_png(path, image, scale=1):
-    """Writes a grey image in [0, 1] as an 8-bit greyscale PNG of exactly its size, atomically.
+def save_image(path, image, scale=1):
+    """Writes a grey image in [0, 1] as an 8-bit greyscale picture of exactly its size, atomically.
 
-    The file appears complete or not at all (written to a temporary file, then renamed), so a
-    failed call leaves an earlier picture at `path` intact.
+    The format is the one the suffix names (`IMAGE_FORMATS`: PNG, JPEG, TIFF or BMP); another
+    suffix is a ValueError. The file appears complete or not at all (written to a temporary
+    file, then renamed), so a failed call leaves an earlier picture at `path` intact.
 
     Args:
         path: the output file.
@@ -116,17 +151,24 @@ def save_png(path, image, scale=1):
     """
     from PIL import Image  # Pillow: a dependency of matplotlib (uint8 [h, w] -> mode "L")
 
+    path = Path(path)
+    image_format = _format(path, IMAGE_FORMATS)
     image = np.asarray(image, dtype=np.float32)
     if image.ndim != 2:
-        raise ValueError(f"save_png needs a 2-D grey image, got shape {list(image.shape)}.")
-    if scale > 1:
-        image = np.kron(image, np.ones((scale, scale), np.float32))
-    path = Path(path)
+        raise ValueError(f"save_image needs a 2-D grey image, got shape {list(image.shape)}.")
     if not path.parent.is_dir():
         raise FileNotFoundError(f"output directory {path.parent} does not exist; create it first")
     pixels = np.round(np.clip(image, 0.0, 1.0) * 255).astype(np.uint8)
-    atomic_write(path, lambda f: Image.fromarray(pixels).save(f, format="PNG"))
+    if scale > 1:  # on the bytes: a quarter of the memory of upscaling the float image
+        pixels = pixels.repeat(scale, axis=0).repeat(scale, axis=1)
+    options = {"quality": 95} if image_format == "JPEG" else {}
+    atomic_write(path, lambda f: Image.fromarray(pixels).save(f, format=image_format, **options))
     return str(path)
+
+
+def save_png(path, image, scale=1):
+    """`save_image` under its first name: the suffix names the format (PNG for `.png`)."""
+    return save_image(path, image, scale=scale)
 
 
 # ------------------------------------------------------------------------------ model pictures
@@ -258,7 +300,8 @@ def plot_bound(run_dirs, out, title=None):
 
     Args:
         run_dirs: directories written by `keras-aevb train` (each with history.csv).
-        out: the PNG to write.
+        out: the file to write; its suffix names the format (`FIGURE_FORMATS`: PNG, PDF, SVG,
+            JPEG, TIFF or EPS).
         title: optional title; default: the data set(s) and binarization(s).
 
     Returns:
@@ -266,6 +309,7 @@ def plot_bound(run_dirs, out, title=None):
     """
     from matplotlib import rcParams, ticker
 
+    figure_format = _format(out, FIGURE_FORMATS)
     run_dirs = [Path(d) for d in run_dirs]
     if not run_dirs:
         raise ValueError("plot_bound needs at least one run directory.")
@@ -303,5 +347,5 @@ def plot_bound(run_dirs, out, title=None):
     ax.legend(fontsize="small")
     fig.tight_layout()
     out = Path(out)
-    atomic_write(out, lambda f: fig.savefig(f, format="png"))
+    atomic_write(out, lambda f: fig.savefig(f, format=figure_format))
     return str(out)
