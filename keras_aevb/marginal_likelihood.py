@@ -41,6 +41,13 @@ HMC_MAX_RELIABLE_LATENT_DIM = 5
 
 _INT32_MAX = 2**31 - 1
 
+# The K importance samples of a batch are drawn in blocks of this many, block j from its own
+# stateless seed (the batch's seed folded with j): the draws depend on the seed and the batch,
+# not on how the samples are chunked, so any `chunk_size` scores the same K draws. Chunks are
+# rounded to whole blocks by default; a chunk that cuts a block draws that block once more and
+# keeps its part.
+_NOISE_BLOCK = 16
+
 
 def log_likelihood(model, x, num_samples=5000, batch_size=None, seed=None, chunk_size=None):
     """Importance-sampled log p(x) per example, with q(z|x) as the proposal.
@@ -55,7 +62,9 @@ def log_likelihood(model, x, num_samples=5000, batch_size=None, seed=None, chunk
     exact for every K.
 
     The K samples are drawn in chunks whose logsumexps are combined exactly, so the memory
-    held is bounded (about `_MAX_CHUNK_VALUES` decoder outputs) for any K and batch size.
+    held is bounded (about `_MAX_CHUNK_VALUES` decoder outputs) for any K and batch size. The
+    draws depend on `seed` and the batches only: every `chunk_size` gives the same estimate
+    (to float32 rounding).
 
     Args:
         model: an `AEVB` (or `WakeSleep`, `MonteCarloEM`): anything with `encoder`,
@@ -65,7 +74,8 @@ def log_likelihood(model, x, num_samples=5000, batch_size=None, seed=None, chunk
         num_samples: K, importance samples per example.
         batch_size: examples per step for arrays (default 100); a dataset keeps its batches.
         seed: int seed of the draws (the same seed gives the same estimates); None: random.
-        chunk_size: samples per chunk; default: as many as fit in `_MAX_CHUNK_VALUES`.
+        chunk_size: samples per chunk (memory only, not the draws); default: as many whole
+            blocks of `_NOISE_BLOCK` samples as fit in `_MAX_CHUNK_VALUES`.
 
     Returns:
         float64 NumPy array `[N]`: the estimates of log p(x) in nats.
@@ -90,14 +100,20 @@ def log_likelihood(model, x, num_samples=5000, batch_size=None, seed=None, chunk
         if n == 0:
             continue
         params = model.encoder(batch, training=False)
-        chunk = chunk_size or max(1, _MAX_CHUNK_VALUES // (n * event_size))
-        chunk = min(int(chunk), num_samples)
+        if chunk_size is None:
+            chunk = max(1, _MAX_CHUNK_VALUES // (n * event_size))
+            chunk = max(_NOISE_BLOCK, chunk - chunk % _NOISE_BLOCK)
+        else:
+            chunk = _positive_int(chunk_size, "chunk_size")
+        chunk = min(chunk, num_samples)
+        # One seed per batch; the samples' blocks fold their index into it (_NOISE_BLOCK).
+        seed_pair = tf.constant(rng.integers(0, _INT32_MAX, size=2), tf.int32)
         chunk_lse = []
         for start in range(0, num_samples, chunk):
             k = min(chunk, num_samples - start)
-            seed_pair = tf.constant(rng.integers(0, _INT32_MAX, size=2), tf.int32)
-            # k is a Python int: a partial last chunk traces once more, nothing else does.
-            chunk_lse.append(step(batch, params, tf.constant(k), seed_pair).numpy())
+            # start and k are tensors: no chunk traces the step again.
+            lse = step(batch, params, tf.constant(start), tf.constant(k), seed_pair)
+            chunk_lse.append(lse.numpy())
         lse = _logsumexp(np.stack(chunk_lse).astype(np.float64), axis=0)
         estimates.append(lse - math.log(num_samples))
     if not estimates:
@@ -115,15 +131,35 @@ def _log_weight_chunk_fn(model):
         return cached
 
     @tf.function(reduce_retracing=True)
-    def step(x, params, k, seed):
+    def step(x, params, start, k, seed):
         posterior = model.posterior_layer.distribution(params)
-        z = _sample_posterior(model, params, k, seed)
+        z = _sample_block_range(model, params, start, k, seed)
         log_px_z = model.decoder.log_likelihood(x, model.decoder(z, training=False))
         log_w = log_px_z + model.prior_distribution.log_prob(z) - posterior.log_prob(z)
         return tf.reduce_logsumexp(log_w, axis=0)
 
     model.__dict__["_keras_aevb_log_weight_chunk"] = step
     return step
+
+
+def _sample_block_range(model, params, start, k, seed):
+    """Draws start .. start + k - 1 of a batch's samples, `[k, batch, latent_dim]`.
+
+    Sample i belongs to block i // _NOISE_BLOCK, drawn from `stateless_fold_in(seed, block)`,
+    so a sample's value does not depend on the chunk that asks for it.
+    """
+    first = start // _NOISE_BLOCK
+    last = (start + k - 1) // _NOISE_BLOCK
+    reference = params[model.posterior_layer.param_names[0]]
+
+    def draw(block):
+        block_seed = tf.random.experimental.stateless_fold_in(seed, block)
+        return _sample_posterior(model, params, _NOISE_BLOCK, block_seed)
+
+    blocks = tf.map_fn(draw, tf.range(first, last + 1), fn_output_signature=reference.dtype)
+    z = tf.reshape(blocks, tf.concat([[-1], tf.shape(blocks)[2:]], axis=0))
+    offset = start - first * _NOISE_BLOCK
+    return z[offset : offset + k]
 
 
 def _sample_posterior(model, params, k, seed):

@@ -39,8 +39,11 @@ def _gaussian_kl(post_var, mean_shift, log_var_shift):
 def test_exact_posterior_proposal_is_exact_for_every_k():
     problem = linear_gaussian_problem(seed=0, num_examples=6)
     model = linear_gaussian_model(problem)
-    for k in (1, 7, 1000):
-        estimate = log_likelihood(model, problem["x"], num_samples=k, seed=k)
+    # Chunks that leave a partial last one (7 = 3 + 3 + 1, 1000 = 3 * 300 + 100) as well as
+    # the default: an estimator that lost or double-counted a chunk would be off by
+    # log(kept / K) (e.g. log(6/7) = -0.15 nats), far outside the tolerance.
+    for k, chunk_size in ((1, None), (7, None), (7, 3), (1000, None), (1000, 300)):
+        estimate = log_likelihood(model, problem["x"], num_samples=k, seed=k, chunk_size=chunk_size)
         # With q = p(z|x), log w = log p(x) for every draw; what is left is float32 rounding of
         # log p(x|z), log p(z), log q(z|x) (terms of ~10 nats, relative error ~1e-7 each).
         np.testing.assert_allclose(estimate, problem["log_px"], rtol=0, atol=1e-4)
@@ -92,12 +95,18 @@ def test_chunking_datasets_and_seeds():
     labelled = tf.data.Dataset.from_tensor_slices((x, np.arange(50))).batch(20)
     np.testing.assert_allclose(a, log_likelihood(model, labelled, 300, seed=3), rtol=1e-6)
     assert a.shape == (50,) and a.dtype == np.float64
-    # Chunks of 37 samples (not a divisor of K = 300): different draws, the same estimator;
-    # with rho2 ~ 1.2 the per-example SD at K = 300 is ~0.06 nats, so 0.4 is > 6 SD of the
-    # difference of two independent estimates.
-    chunked = log_likelihood(model, x, 300, batch_size=20, seed=4, chunk_size=37)
-    assert np.all(np.abs(chunked - a) < 0.4)
-    assert abs(np.mean(chunked - a)) < 0.1
+    # The draws depend on the seed and the batches, not on the chunks: chunks of 37 samples
+    # (not a divisor of K = 300, so a partial last chunk of 4) score the same 300 draws as one
+    # chunk of 300, so the estimates agree to float32 rounding of the chunks' logsumexps
+    # (~1e-7 of terms of ~10 nats). A version that dropped the partial chunk would be off by
+    # about log(296/300) = -0.013 nats, one that counted a chunk twice by more.
+    single = log_likelihood(model, x, 300, batch_size=20, seed=4, chunk_size=300)
+    for chunk_size in (37, 1, 299, None):
+        chunked = log_likelihood(model, x, 300, batch_size=20, seed=4, chunk_size=chunk_size)
+        np.testing.assert_allclose(chunked, single, rtol=0, atol=2e-5)
+    # Another seed draws other samples: with rho2 ~ 1.2 the per-example SD at K = 300 is
+    # ~0.06 nats, so two seeds differ by > 1e-3 nats on most examples.
+    assert np.mean(np.abs(single - a) > 1e-3) > 0.9
     with pytest.raises(ValueError, match="num_samples must be a positive integer"):
         log_likelihood(model, x, num_samples=0)
 
