@@ -58,6 +58,7 @@ import socket
 
 import keras
 import tensorflow as tf
+from google.protobuf.message import DecodeError
 from tensorflow.core.protobuf import saved_model_pb2
 
 from keras_aevb.estimator import sgvb_terms
@@ -404,7 +405,7 @@ def _signature_contract(saved_model_dir):
     try:
         proto = saved_model_pb2.SavedModel()
         proto.ParseFromString((pathlib.Path(saved_model_dir) / "saved_model.pb").read_bytes())
-    except (OSError, ValueError, RuntimeError):  # RuntimeError: protobuf's DecodeError base
+    except (OSError, DecodeError):
         return None
     if len(proto.meta_graphs) != 1:
         return None

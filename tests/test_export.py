@@ -725,6 +725,13 @@ def test_a_base_directory_of_another_model_is_refused_unless_forced(bernoulli, t
     retrained.set_weights([w + 0.1 for w in retrained.get_weights()])
     assert export_saved_model(retrained, base) == str(base / "2")
     assert export_saved_model(other, base, force=True) == str(base / "3")
+    # A version that holds no readable SavedModel is no model to compare with: the newest
+    # readable one (3, the Gaussian model's) is.
+    (base / "4").mkdir()
+    (base / "4" / "saved_model.pb").write_bytes(b"\xff\xff not a protocol buffer")
+    assert export_saved_model(other, base) == str(base / "5")
+    with pytest.raises(ValueError, match="version 5 has different signatures"):
+        export_saved_model(bernoulli.model, base)
 
 
 # ---------------------------------------------------------------------------- failed exports
