@@ -61,6 +61,7 @@ import tensorflow as tf
 from google.protobuf.message import DecodeError
 from tensorflow.core.protobuf import saved_model_pb2
 
+from keras_aevb._io import no_space_guard
 from keras_aevb.estimator import sgvb_terms
 from keras_aevb.families import get_family
 
@@ -303,7 +304,8 @@ def export_saved_model(
         ValueError: the model is not a built AEVB, its posterior has no mean, L < 1, a version
             that is not a positive integer, or (without `force`) a `base_dir` that looks like a
             version directory or holds another model.
-        OSError: writing failed (e.g. the disk is full); no version directory is left.
+        keras_aevb._io.DiskFullError: the disk filled up (an OSError); no version is left.
+        OSError: writing failed otherwise; no version directory is left either.
 
     Example:
     >>> model = keras_aevb.paper_model("mnist", latent_dim=2, hidden_units=16)
@@ -334,15 +336,18 @@ def export_saved_model(
     temp = base / f"{_TEMP_PREFIX}{planned}-{socket.gethostname()}-{os.getpid()}"
     shutil.rmtree(temp, ignore_errors=True)  # this process's own leftover, if any
     try:
-        # No custom gradients: a server never differentiates, and tracing the gradients of
-        # TFP's special functions (betainc, igammainv: the quantiles of Beta, Gamma, ... priors)
-        # would multiply the export time and the graph's size for nothing.
-        options = tf.saved_model.SaveOptions(experimental_custom_gradients=False)
-        tf.saved_model.save(module, str(temp), signatures=signatures, options=options)
-        if not force:
-            _check_same_model(base, temp)
-        _sync_tree(temp)
-        target = _rename_into_place(temp, base, version, planned)
+        # A full disk, however TensorFlow reports it, becomes one DiskFullError naming the
+        # version (the CLI prints that line).
+        with no_space_guard(base / str(planned)):
+            # No custom gradients: a server never differentiates, and tracing the gradients of
+            # TFP's special functions (betainc, igammainv: the quantiles of Beta, Gamma, ...
+            # priors) would multiply the export time and the graph's size for nothing.
+            options = tf.saved_model.SaveOptions(experimental_custom_gradients=False)
+            tf.saved_model.save(module, str(temp), signatures=signatures, options=options)
+            if not force:
+                _check_same_model(base, temp)
+            _sync_tree(temp)
+            target = _rename_into_place(temp, base, version, planned)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise
