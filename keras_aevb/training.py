@@ -38,6 +38,7 @@ Reference: Kingma & Welling, "Auto-Encoding Variational Bayes", arXiv:1312.6114,
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import inspect
@@ -45,6 +46,8 @@ import io
 import json
 import math
 import os
+import re
+import struct
 import time
 import warnings
 from pathlib import Path
@@ -53,6 +56,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_aevb import _io
 from keras_aevb import data as data_lib
 from keras_aevb._io import atomic_write
 from keras_aevb.version import __version__
@@ -89,7 +93,16 @@ LEARNING_RATE_CANDIDATES = {"adagrad": (0.01, 0.02, 0.1), "adam": (3e-4, 1e-3, 3
 # Settings that may change between a run and its resumption: they say how long or where to run,
 # not what is trained. Every other setting must match the run directory's config.json.
 _RESUMABLE_CHANGES = frozenset(
-    {"output", "data_dir", "epochs", "max_examples", "verbose", "strategy", "tensorboard"}
+    {
+        "output",
+        "data_dir",
+        "epochs",
+        "max_examples",
+        "examples_per_epoch",  # checked against the run's epoch length by _plan_epochs
+        "verbose",
+        "strategy",
+        "tensorboard",
+    }
 )
 
 # The test bound needs a fixed test set: for dynamic binarization it is one Bernoulli draw of
@@ -205,15 +218,35 @@ def _history_csv_bytes(rows) -> bytes:
 
 
 def _save_keras_atomically(model, path):
-    """`model.save` to a temporary `.keras` name, then a rename (Keras needs the suffix)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.keras")
-    try:
-        model.save(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """The `.keras` archive, written by Keras into the temporary file of an atomic write."""
+    atomic_write(path, lambda f: _keras_saving_lib().save_model(model, f), fsync=True)
+
+
+def _save_weights_atomically(model, path):
+    """`model.save_weights(path)` (model and optimizer), as one atomic write.
+
+    Keras writes the HDF5 file into memory and the bytes go through `atomic_write`: HDF5 never
+    writes to the run directory itself. When it did, a full disk made HDF5 fail to close the
+    file, and HDF5's exit handler then crashed the process on the open objects (segmentation
+    fault in H5VL_set_vol_wrapper from H5_term_library, seen on a 2 MB tmpfs).
+    """
+    saving_lib = _keras_saving_lib()
+    buffer = io.BytesIO()
+    store = saving_lib.H5IOStore(buffer, mode="w")
+    saving_lib._save_state(
+        model, weights_store=store, assets_store=None, inner_path="", visited_saveables=set()
+    )
+    store.close()
+    payload = buffer.getvalue()
+    _atomic_write_bytes(path, payload)
+
+
+def _keras_saving_lib():
+    """Keras's saving module: `save_model` and `H5IOStore` take file objects, the public API
+    only paths (keras 3.x; tests/test_training.py checks the files load with the public API)."""
+    from keras.src.saving import saving_lib
+
+    return saving_lib
 
 
 def is_chief() -> bool:
@@ -343,25 +376,51 @@ def _check_settings(config: TrainConfig):
     return binarization, likelihood
 
 
-def _plan_epochs(num_train, config):
+def _plan_epochs(num_train, config, previous=None):
     """Epochs and epoch length from --epochs / --max-examples / --examples-per-epoch.
 
     An epoch is one pass over the N training examples unless `examples_per_epoch` says
     otherwise (or `max_examples` < N): then it is a fixed number of steps over a repeated,
     reshuffled stream, and each epoch ends with a test evaluation (a history row).
 
+    A resumed run keeps the epoch length of its config.json (`previous`), however it was
+    started: a new --epochs or --max-examples only says how many epochs to reach, so a larger
+    budget extends a finished run. An --examples-per-epoch that gives another length is
+    refused.
+
     Returns:
         dict with epochs, examples_per_epoch, steps_per_epoch (None: one pass), repeat.
+
+    Raises:
+        ValueError: a resume whose settings give another epoch length, or whose one-pass
+            epochs would run over a training set of another size.
     """
     batch = config.batch_size
-    per_epoch = config.examples_per_epoch or num_train
-    if config.max_examples is not None and config.max_examples < per_epoch:
-        per_epoch = config.max_examples
-    if per_epoch == num_train:
-        steps, examples = None, num_train
+    if previous is not None:
+        examples, steps = int(previous["examples_per_epoch"]), previous.get("steps_per_epoch")
+        asked = config.examples_per_epoch
+        if asked is not None and asked != examples:
+            fresh = _plan_epochs(num_train, config)["examples_per_epoch"]
+            if fresh != examples:
+                raise ValueError(
+                    f"{config.output} trains {examples} examples per epoch, "
+                    f"--examples-per-epoch {asked} gives {fresh}; resume without "
+                    f"--examples-per-epoch (or with {examples}), or pass a new --output"
+                )
+        if steps is None and previous.get("num_train") not in (None, num_train):
+            raise ValueError(
+                f"{config.output} was trained in passes over {previous['num_train']} examples, "
+                f"these data have {num_train}; resume with the same data, or pass a new --output"
+            )
     else:
-        steps = max(1, per_epoch // batch)
-        examples = steps * batch
+        per_epoch = config.examples_per_epoch or num_train
+        if config.max_examples is not None and config.max_examples < per_epoch:
+            per_epoch = config.max_examples
+        if per_epoch == num_train:
+            steps, examples = None, num_train
+        else:
+            steps = max(1, per_epoch // batch)
+            examples = steps * batch
     if config.max_examples is not None:
         epochs = max(1, config.max_examples // examples)
     else:
@@ -369,7 +428,7 @@ def _plan_epochs(num_train, config):
     return {
         "epochs": int(epochs),
         "examples_per_epoch": int(examples),
-        "steps_per_epoch": steps,
+        "steps_per_epoch": None if steps is None else int(steps),
         "repeat": steps is not None,
     }
 
@@ -753,17 +812,16 @@ class RunRecorder(keras.callbacks.Callback):
             self._commit(epoch + 1)
 
     def _commit(self, epoch):
-        self.checkpoint_dir.mkdir(exist_ok=True)
+        with _io.no_space_guard(self.checkpoint_dir):
+            self.checkpoint_dir.mkdir(exist_ok=True)
         name = f"epoch-{epoch:06d}.weights.h5"
-        tmp = self.checkpoint_dir / f"tmp-{os.getpid()}-{name}"  # Keras needs the suffix
-        self.model.save_weights(tmp, overwrite=True)
-        os.replace(tmp, self.checkpoint_dir / name)
+        _save_weights_atomically(self.model, self.checkpoint_dir / name)
         state = dict(self.state_extra, epoch=epoch, weights=name, history=self.rows)
-        _atomic_write_json(self.checkpoint_dir / "state.json", state)
+        _atomic_write_json(self.checkpoint_dir / "state.json", state)  # the commit point
         _atomic_write_bytes(self.run_dir / "history.csv", _history_csv_bytes(self.rows))
-        for old in self.checkpoint_dir.glob("*.weights.h5"):
+        for old in sorted(self.checkpoint_dir.glob("*.weights.h5")):
             if old.name != name:
-                old.unlink(missing_ok=True)
+                _io.remove(old)  # replaced: state.json names the new file
 
 
 class ImageSummaries(keras.callbacks.Callback):
@@ -795,39 +853,231 @@ class ImageSummaries(keras.callbacks.Callback):
             self._writer = None
 
 
+class EventFilesCheck(keras.callbacks.Callback):
+    """Makes TensorBoard's writes of a run fail loudly and leave whole files.
+
+    TensorFlow's summary writer loses events silently when the disk is full: its flush
+    succeeds and the events file ends in a torn record (measured on a full tmpfs). Listed after
+    the TensorBoard callbacks, this flushes their writers at the end of every epoch (one write
+    point each), then reads what was added to each events file: whole TFRecord frames (length,
+    CRC, data, CRC). A torn or missing write closes the writers, cuts the file back to its last
+    whole record and raises `DiskFullError` naming it. `repair()` does the same after any
+    failure of the run, and at the start for the files of earlier invocations.
+
+    Args:
+        writers: a function returning `[(log directory, tf.summary writer)]`, in order.
+    """
+
+    def __init__(self, log_dir, writers):
+        super().__init__()
+        self.log_dir = Path(log_dir)
+        self.writers = writers
+        self.checked = {}  # events file -> bytes verified as whole records
+
+    def on_train_begin(self, logs=None):
+        for path in sorted(self.log_dir.rglob("events.out.tfevents.*")):
+            self.checked[path] = _whole_records(path)
+            if self.checked[path] < path.stat().st_size:
+                with _io.no_space_guard(path):
+                    os.truncate(path, self.checked[path])
+
+    def on_epoch_end(self, epoch, logs=None):
+        for directory, writer in self.writers():
+            path = self._events_file(directory)
+            try:
+                with _io.no_space_guard(path or directory):
+                    _io.fault_point(path or directory, "events")
+                    writer.flush()
+                    path = path or self._events_file(directory)
+                    if path is not None:
+                        self._check(path)
+            except BaseException:
+                self.repair()
+                raise
+
+    def on_train_end(self, logs=None):
+        for path in list(self.checked):
+            self._check(path, grown=False)
+
+    def _events_file(self, directory):
+        """This run's newest events file in `directory` (TensorFlow names them by time)."""
+        files = [p for p in Path(directory).glob("events.out.tfevents.*") if p.is_file()]
+        new = [p for p in files if p not in self.checked] or [p for p in files if p in self.checked]
+        return max(new, key=lambda p: p.stat().st_mtime_ns) if new else None
+
+    def _check(self, path, grown=True):
+        before = self.checked.get(path, 0)
+        whole = _whole_records(path, before)
+        size = path.stat().st_size
+        if whole < size or (grown and size == before and _free_bytes(path) < 2**20):
+            self.checked[path] = whole
+            raise _io.DiskFullError(path)
+        self.checked[path] = whole
+
+    def repair(self):
+        """Closes the writers and cuts every events file back to its whole records."""
+        for _, writer in self.writers():
+            try:
+                writer.close()
+            except Exception:  # noqa: BLE001 (a full disk fails the close too; the file is cut below)
+                pass
+        for path in sorted(self.log_dir.rglob("events.out.tfevents.*")):
+            whole = _whole_records(path, self.checked.get(path, 0))
+            if whole < path.stat().st_size:
+                os.truncate(path, whole)
+
+
+def _whole_records(path, offset=0):
+    """The length of the prefix of a TFRecord file made of whole frames, from `offset` on."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        while offset + 12 <= size:
+            f.seek(offset)
+            (length,) = struct.unpack("<Q", f.read(8))
+            end = offset + 12 + length + 4
+            if end > size:
+                break
+            offset = end
+    return offset
+
+
+def _free_bytes(path):
+    stat = os.statvfs(path)
+    return stat.f_bavail * stat.f_frsize
+
+
 # -------------------------------------------------------------------------- the run directory
+
+
+class _Unresumable(ValueError):
+    """A run directory whose files cannot be resumed (the CLI: one line, exit status 2)."""
+
+    def __init__(self, run_dir, problem):
+        super().__init__(
+            f"{problem}: {run_dir} holds a run that cannot be resumed; pass a new --output to "
+            "start fresh"
+        )
 
 
 def _read_previous_run(run_dir: Path):
     """`(config, state)` of an earlier run in `run_dir`; `(None, None)` if it is empty/new.
 
+    Every file a resume reads is checked here, before anything is written: config.json and
+    checkpoints/state.json parse to what this version writes, the weights file state.json
+    names is a whole HDF5 file, and a history.csv with epochs in it has a checkpoint. A run
+    killed before its first checkpoint (config.json alone, or with a history.csv of no rows)
+    starts again; temporary files and the lock file are not part of a run.
+
     Raises:
-        ValueError: `run_dir` is a file, or holds files but no keras-aevb run.
+        ValueError: `run_dir` is a file, holds files but no keras-aevb run, or holds a run
+            whose files are missing or damaged (the message names the file).
     """
     if not run_dir.exists():
         return None, None
     if not run_dir.is_dir():
         raise ValueError(f"--output {run_dir} is a file; pass a directory")
+    names = {p.name for p in run_dir.iterdir() if not _io.is_scratch_file(p.name)}
     config_path = run_dir / "config.json"
-    if not config_path.is_file():
-        if any(run_dir.iterdir()):
+    checkpoint_dir = run_dir / "checkpoints"
+    if "config.json" not in names:
+        if names & {"history.csv", "checkpoints", "model.keras"}:
+            raise _Unresumable(run_dir, f"{config_path} is missing")
+        if names:
             raise ValueError(
                 f"--output {run_dir} holds files but no keras-aevb run (no config.json); "
                 "pass a new or empty directory"
             )
         return None, None
-    try:
-        config = json.loads(config_path.read_text())
-        state_path = run_dir / "checkpoints" / "state.json"
-        state = json.loads(state_path.read_text()) if state_path.is_file() else None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"unreadable run files in {run_dir} ({e}); pass a new directory") from None
-    if state is not None and not (run_dir / "checkpoints" / state["weights"]).is_file():
-        raise ValueError(
-            f"{run_dir}/checkpoints/state.json names {state['weights']}, which is missing; "
-            "pass a new directory"
-        )
+    config = _read_json(config_path, run_dir)
+    if not (
+        isinstance(config, dict)
+        and isinstance(config.get("requested"), dict)
+        and _is_number(config.get("learning_rate_used"))
+        and isinstance(config.get("examples_per_epoch"), int)
+    ):
+        raise _Unresumable(run_dir, f"{config_path} is not a keras-aevb config")
+    if checkpoint_dir.exists() and not checkpoint_dir.is_dir():
+        raise _Unresumable(run_dir, f"{checkpoint_dir} is not a directory")
+    state_path = checkpoint_dir / "state.json"
+    if not state_path.exists():
+        epochs = _history_epochs(run_dir / "history.csv", run_dir)
+        if epochs or "model.keras" in names:
+            missing = state_path if checkpoint_dir.is_dir() else checkpoint_dir
+            held = f"{run_dir}/history.csv holds {epochs} epochs" if epochs else "model.keras"
+            raise _Unresumable(run_dir, f"{missing} is missing, but {held}")
+        return config, None
+    state = _read_json(state_path, run_dir)
+    if not _is_state(state):
+        raise _Unresumable(run_dir, f"{state_path} is not a keras-aevb checkpoint state")
+    weights = checkpoint_dir / state["weights"]
+    if not weights.is_file():
+        raise _Unresumable(run_dir, f"{weights} is missing (named by {state_path})")
+    if not _is_whole_hdf5(weights):
+        raise _Unresumable(run_dir, f"{weights} is not a readable weights file")
     return config, state
+
+
+def _read_json(path, run_dir):
+    try:
+        return json.loads(path.read_bytes())
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError
+        raise _Unresumable(run_dir, f"{path} is not valid JSON") from None
+    except OSError as e:
+        raise _Unresumable(run_dir, f"{path} cannot be read ({e.strerror})") from None
+
+
+def _is_number(value):
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_state(state):
+    """Whether `state` is what RunRecorder commits: epoch k >= 1, rows 1..k, a weights name."""
+    if not isinstance(state, dict):
+        return False
+    epoch, weights, rows = state.get("epoch"), state.get("weights"), state.get("history")
+    return (
+        isinstance(epoch, int)
+        and epoch >= 1
+        and isinstance(weights, str)
+        and re.fullmatch(r"epoch-\d{6}\.weights\.h5", weights) is not None
+        and isinstance(rows, list)
+        and len(rows) == epoch
+        and all(
+            isinstance(row, dict)
+            and set(HISTORY_COLUMNS) <= set(row)
+            and all(_is_number(row[k]) for k in HISTORY_COLUMNS)
+            and row["epoch"] == i
+            for i, row in enumerate(rows, 1)
+        )
+    )
+
+
+def _history_epochs(path, run_dir):
+    """The rows of history.csv (0 if it is missing)."""
+    if not path.exists():
+        return 0
+    try:
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, ValueError):
+        raise _Unresumable(run_dir, f"{path} cannot be read") from None
+    if not lines or lines[0].split(",") != list(HISTORY_COLUMNS):
+        raise _Unresumable(run_dir, f"{path} is not a keras-aevb history")
+    return len(lines) - 1
+
+
+def _is_whole_hdf5(path):
+    """Whether every dataset of an HDF5 file reads (a truncated file fails at open or read)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            datasets = []
+            f.visititems(lambda _, item: datasets.append(item) if hasattr(item, "dtype") else None)
+            for dataset in datasets:
+                dataset[()]
+    except (OSError, RuntimeError, ValueError, KeyError):
+        return False
+    return True
 
 
 def _check_same_run(previous, requested, run_dir):
@@ -862,6 +1112,10 @@ def _jsonable(config: TrainConfig):
 def train(config: TrainConfig, print_fn=print) -> TrainResult:
     """Trains (or resumes) one run and writes its directory; see the module docstring.
 
+    The run directory is locked for the whole call (`keras_aevb._io.RunLock`: a second process
+    is refused at once, naming this one's PID); a call that fails before its first write leaves
+    the directory as it found it.
+
     Args:
         config: the settings.
         print_fn: where the one-line messages go (learning-rate choice, final summary).
@@ -871,9 +1125,29 @@ def train(config: TrainConfig, print_fn=print) -> TrainResult:
 
     Raises:
         keras_aevb.data.DataError: missing or bad data.
-        ValueError: settings that cannot work, a run directory with another run in it, or a
-            run whose bound became NaN.
+        ValueError: settings that cannot work, a run directory with another run in it, or
+            whose files are damaged, or a run whose bound became NaN.
+        keras_aevb._io.RunLockedError: another process is using the run directory.
+        keras_aevb._io.DiskFullError: the disk filled up; the run resumes once there is space.
     """
+    _check_settings(config)
+    run_dir = Path(config.output)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"--output {run_dir} is a file; pass a directory")
+    lock = _io.RunLock(run_dir) if is_chief() else None
+    try:
+        with lock or contextlib.nullcontext():
+            return _train(config, print_fn, lock)
+    except _io.DiskFullError:
+        raise
+    except Exception as e:
+        # A full disk anywhere else (TensorFlow, Keras) names the run directory at least.
+        if _io.is_no_space(e):
+            raise _io.DiskFullError(run_dir) from e
+        raise
+
+
+def _train(config: TrainConfig, print_fn, lock) -> TrainResult:
     binarization, likelihood = _check_settings(config)
     run_dir = Path(config.output)
     requested = _jsonable(config)
@@ -898,15 +1172,8 @@ def train(config: TrainConfig, print_fn=print) -> TrainResult:
     num_train = len(train_x)
     pipeline_binarization = _pipeline_binarization(train_info)
     event_shape = tuple(train_info["event_shape"])
-    plan = _plan_epochs(num_train, config)
-    if previous_config is not None and state is not None:
-        before = previous_config.get("examples_per_epoch")
-        if before != plan["examples_per_epoch"]:
-            raise ValueError(
-                f"{run_dir} was trained with {before} examples per epoch, these settings give "
-                f"{plan['examples_per_epoch']}; resume with the same --examples-per-epoch "
-                "(and a --max-examples of at least one epoch), or pass a new --output"
-            )
+    # A resume keeps the run's epoch length; a run with no checkpoint yet plans afresh.
+    plan = _plan_epochs(num_train, config, previous_config if state is not None else None)
     weight_decay = 1.0 / num_train if config.weight_decay is None else float(config.weight_decay)
 
     # Monte Carlo EM keeps one HMC chain per training example, so its fit takes the training
@@ -1032,7 +1299,7 @@ def train(config: TrainConfig, print_fn=print) -> TrainResult:
 
     # ---- from here on the run directory is written
     if chief:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        lock.begin_writing()  # the PID into .lock; temporary files of dead processes go
         _atomic_write_json(run_dir / "config.json", resolved)
         _atomic_write_bytes(run_dir / "history.csv", _history_csv_bytes(rows))
 
@@ -1055,13 +1322,21 @@ def train(config: TrainConfig, print_fn=print) -> TrainResult:
             "keras-aevb: TensorBoard is not installed, so no logs/ are written "
             "(pip install tensorboard)"
         )
+    events_check = None
     if chief and tensorboard:
-        callbacks += [
-            keras.callbacks.TensorBoard(
-                log_dir=str(run_dir / "logs"), write_graph=False, update_freq="epoch"
-            ),
-            ImageSummaries(run_dir / "logs" / "images", test_x, seed=config.seed),
-        ]
+        board = keras.callbacks.TensorBoard(
+            log_dir=str(run_dir / "logs"), write_graph=False, update_freq="epoch"
+        )
+        images = ImageSummaries(run_dir / "logs" / "images", test_x, seed=config.seed)
+        # Keras's TensorBoard writes logs/train and logs/validation through `_writers`.
+        tb_dirs = {"train": run_dir / "logs" / "train", "val": run_dir / "logs" / "validation"}
+
+        def writers():
+            found = [(Path(tb_dirs[k]), w) for k, w in board._writers.items() if k in tb_dirs]
+            return found + ([(Path(images.log_dir), images._writer)] if images._writer else [])
+
+        events_check = EventFilesCheck(run_dir / "logs", writers)
+        callbacks += [board, images, events_check]
     # A resumed run draws a new data order and binarization stream: replaying epoch 1's would
     # correlate the epochs before and after the interruption.
     train_dataset = training_dataset(config.seed + initial_epoch)
@@ -1072,16 +1347,21 @@ def train(config: TrainConfig, print_fn=print) -> TrainResult:
         # Grey-pixel warnings are settled by the binarization check above.
         warnings.filterwarnings("ignore", message="Grey .non-binary. values", category=UserWarning)
         fit_kwargs = {"batch_size": config.batch_size, "shuffle": True} if array_input else {}
-        model.fit(
-            train_dataset,
-            **fit_kwargs,
-            epochs=plan["epochs"],
-            initial_epoch=initial_epoch,
-            steps_per_epoch=plan["steps_per_epoch"],
-            validation_data=test_dataset,
-            callbacks=callbacks,
-            verbose=config.verbose,
-        )
+        try:
+            model.fit(
+                train_dataset,
+                **fit_kwargs,
+                epochs=plan["epochs"],
+                initial_epoch=initial_epoch,
+                steps_per_epoch=plan["steps_per_epoch"],
+                validation_data=test_dataset,
+                callbacks=callbacks,
+                verbose=config.verbose,
+            )
+        except BaseException:
+            if events_check is not None:  # no half record left for the writers to finish
+                events_check.repair()
+            raise
     if recorder.diverged_at is not None:
         raise ValueError(
             f"training diverged in epoch {recorder.diverged_at}: {recorder.diverged_reason} "

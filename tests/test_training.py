@@ -42,6 +42,54 @@ def test_plan_epochs(kwargs, expected):
     assert plan["repeat"] == (expected[2] is not None)
 
 
+# How each way of starting a run plans its epochs, and what a larger budget then gives: the
+# epoch length stays the run's, only the number of epochs grows (README "Resume").
+@pytest.mark.parametrize(
+    "started, resumed, expected",
+    [
+        # --max-examples below one pass: epochs of 100 (1 step); 200 extends to 2 of them,
+        # with or without --examples-per-epoch naming the same length.
+        ({"max_examples": 100}, {"max_examples": 200}, (2, 100, 1)),
+        ({"max_examples": 100}, {"max_examples": 300, "examples_per_epoch": 100}, (3, 100, 1)),
+        ({"max_examples": 100}, {"epochs": 4}, (4, 100, 1)),
+        # One pass per epoch, from --epochs, --max-examples or the default of 10.
+        ({"epochs": 2}, {"epochs": 3}, (3, 300, None)),
+        ({"epochs": 2}, {"max_examples": 1200}, (4, 300, None)),
+        ({"max_examples": 700}, {"max_examples": 1000}, (3, 300, None)),
+        ({}, {"epochs": 12}, (12, 300, None)),
+        # Short epochs: --examples-per-epoch 250 is 2 steps of 100; naming 250 again is the
+        # same length.
+        (
+            {"examples_per_epoch": 250, "max_examples": 1000},
+            {"examples_per_epoch": 250, "max_examples": 2000},
+            (10, 200, 2),
+        ),
+        ({"examples_per_epoch": 250, "max_examples": 1000}, {"max_examples": 2000}, (10, 200, 2)),
+    ],
+)
+def test_plan_epochs_of_a_resumed_run(started, resumed, expected):
+    first = training._plan_epochs(300, TrainConfig(output="x", batch_size=100, **started))
+    previous = {
+        "examples_per_epoch": first["examples_per_epoch"],
+        "steps_per_epoch": first["steps_per_epoch"],
+        "num_train": 300,
+    }
+    plan = training._plan_epochs(300, TrainConfig(output="x", batch_size=100, **resumed), previous)
+    assert (plan["epochs"], plan["examples_per_epoch"], plan["steps_per_epoch"]) == expected
+    assert plan["repeat"] == (expected[2] is not None)
+
+
+def test_plan_epochs_refuses_another_epoch_length():
+    previous = {"examples_per_epoch": 100, "steps_per_epoch": 1, "num_train": 300}
+    config = TrainConfig(output="x", batch_size=100, examples_per_epoch=200, max_examples=400)
+    with pytest.raises(ValueError, match="trains 100 examples per epoch.*gives 200"):
+        training._plan_epochs(300, config, previous)
+    # One-pass epochs over a training set of another size would count examples wrongly.
+    one_pass = {"examples_per_epoch": 300, "steps_per_epoch": None, "num_train": 300}
+    with pytest.raises(ValueError, match="passes over 300 examples, these data have 200"):
+        training._plan_epochs(200, TrainConfig(output="x", epochs=3), one_pass)
+
+
 @pytest.mark.parametrize(
     "tf_config, chief",
     [
@@ -238,6 +286,49 @@ def test_resume_restores_weights_and_optimizer(tmp_path, mnist_dir):
     for a, b in zip(accumulators, restored, strict=True):
         np.testing.assert_array_equal(a, b)
     assert [int(r["epoch"]) for r in read_rows(run_dir)] == [1]
+
+
+def test_max_examples_run_is_extended_by_a_larger_budget(tmp_path, mnist_dir, capsys):
+    """Issue 14: a run started with --max-examples below one pass could not be extended
+    (refused for its epoch length, and again for --examples-per-epoch)."""
+    run_dir = tmp_path / "run"
+    training.train(tiny_config(run_dir, mnist_dir, epochs=None, max_examples=100))
+    result = training.train(tiny_config(run_dir, mnist_dir, epochs=None, max_examples=200))
+    assert result.resumed_from_epoch == 1
+    config = dict(epochs=None, max_examples=300, examples_per_epoch=100)
+    result = training.train(tiny_config(run_dir, mnist_dir, **config))
+    assert result.resumed_from_epoch == 2
+    rows = read_rows(run_dir)
+    assert [(int(r["epoch"]), int(r["examples_seen"])) for r in rows] == [
+        (1, 100),
+        (2, 200),
+        (3, 300),
+    ]
+    assert "epoch 3/3" in capsys.readouterr().out
+
+
+def test_weights_are_written_in_memory_and_load_with_the_public_api(tmp_path):
+    """Checkpoints go through keras's in-memory HDF5 writer (HDF5 never writes to the run
+    directory: a full disk crashed it at exit); the file is what `save_weights` writes."""
+    keras.utils.set_random_seed(3)
+    model = training.build_model("mnist", (28, 28), 2, hidden_units=(4,), seed=0)
+    model.compile(optimizer=training.make_optimizer("adagrad", 0.1))
+    model.optimizer.build(model.trainable_variables)
+    training._save_weights_atomically(model, tmp_path / "a.weights.h5")
+    model.save_weights(tmp_path / "b.weights.h5")
+    assert (tmp_path / "a.weights.h5").read_bytes() == (tmp_path / "b.weights.h5").read_bytes()
+    keras.utils.set_random_seed(4)
+    other = training.build_model("mnist", (28, 28), 2, hidden_units=(4,), seed=0)
+    other.compile(optimizer=training.make_optimizer("adagrad", 0.1))
+    other.optimizer.build(other.trainable_variables)
+    other.load_weights(tmp_path / "a.weights.h5")
+    for a, b in zip(model.get_weights(), other.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    training._save_keras_atomically(model, tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras", compile=False)
+    for a, b in zip(model.get_weights(), loaded.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.weights.h5", "b.weights.h5", "m.keras"]
 
 
 def test_recorder_refuses_a_nan_epoch(tmp_path):
