@@ -571,6 +571,8 @@ def make_dataset(
     shuffle: bool = True,
     seed: int = 0,
     drop_remainder: bool = False,
+    repeat: bool = False,
+    initial_step: int = 0,
 ) -> tf.data.Dataset:
     """Builds the input pipeline: batches ``x`` of shape ``[batch, *event_shape]``, no labels.
 
@@ -610,6 +612,13 @@ def make_dataset(
         shuffle: reshuffle all N examples every epoch.
         seed: seed of the shuffle order and of the static or dynamic draws.
         drop_remainder: drop the last batch if smaller than `batch_size`.
+        repeat: an endless stream of passes over the data, addressed by step: pass ``p`` draws
+            its order and binarization from the ``p``-th epoch seed of `seed` (a fixed
+            sequence, ``Dataset.random(seed)``), so the stream is the same however it is cut.
+            What a resumable run needs: `initial_step` restarts the stream where it stopped.
+        initial_step: with `repeat`, the number of batches of the stream to skip (without
+            computing them): the stream starts with batch ``initial_step % batches_per_pass``
+            of pass ``initial_step // batches_per_pass``.
 
     Returns:
         A `tf.data.Dataset` of float32 batches.
@@ -641,8 +650,8 @@ def make_dataset(
         num_batches += 1
     batch_shape = [batch_size if drop_remainder else None, *event_shape]
 
-    def epoch_batches(epoch_seed):
-        """The batches of one epoch; `epoch_seed` is 4 int64 drawn anew every iteration."""
+    def epoch_batches(epoch_seed, first_batch=0):
+        """The batches of one epoch from `first_batch` on; `epoch_seed` is 4 int64."""
         shuffle_seed, draw_key = epoch_seed[:2], epoch_seed[2]
         if shuffle:
             order = tf.random.experimental.stateless_shuffle(
@@ -657,14 +666,27 @@ def make_dataset(
                 rows = _bernoulli16(rows, tf.stack([draw_key, tf.cast(i, tf.int64)]))
             return tf.ensure_shape(rows, batch_shape)
 
-        batch_index = tf.data.Dataset.range(num_batches, output_type=tf.int32)
+        batch_index = tf.data.Dataset.range(first_batch, num_batches, output_type=tf.int32)
         return batch_index.map(make_batch, num_parallel_calls=None)
 
-    # One element (4 int64) per iteration: a new epoch seed every epoch, reproducible.
-    epoch_seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
-    dataset = epoch_seeds.take(4).batch(4, drop_remainder=True).flat_map(epoch_batches)
-    # flat_map hides the number of batches; Keras needs it (steps per epoch, progress bars).
-    dataset = dataset.apply(tf.data.experimental.assert_cardinality(num_batches))
+    if repeat:
+        if isinstance(initial_step, bool) or int(initial_step) != initial_step or initial_step < 0:
+            raise DataError(f"initial_step must be an integer >= 0, got {initial_step!r}")
+        first_pass, first_batch = divmod(int(initial_step), num_batches)
+        # Pass p's seed is the p-th group of 4 of one fixed random sequence: addressable.
+        epoch_seeds = tf.data.Dataset.random(seed=seed).batch(4).skip(first_pass)
+
+        def pass_batches(p, epoch_seed):
+            start = tf.where(p == 0, tf.constant(first_batch, tf.int64), tf.constant(0, tf.int64))
+            return epoch_batches(epoch_seed, start)
+
+        dataset = epoch_seeds.enumerate().flat_map(pass_batches)
+    else:
+        # One element (4 int64) per iteration: a new epoch seed every epoch, reproducible.
+        epoch_seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
+        dataset = epoch_seeds.take(4).batch(4, drop_remainder=True).flat_map(epoch_batches)
+        # flat_map hides the number of batches; Keras needs it (steps per epoch, progress bars).
+        dataset = dataset.apply(tf.data.experimental.assert_cardinality(num_batches))
 
     # Fixed prefetch, no parallel calls and no autotuning: on the 2-core CPUs measured here,
     # tf.data's autotuner stalled the end of a fit call by 1.6-2.4 s in about half the epochs

@@ -11,7 +11,7 @@ from keras import ops
 from keras_aevb import execution, inputs
 from keras_aevb.data import DataError
 from keras_aevb.estimator import ESTIMATOR_NAMES, resolve_estimator, sgvb_terms
-from keras_aevb.posterior import ReparameterizedPosterior, stateless_seed
+from keras_aevb.posterior import ReparameterizedPosterior, SavesGeneratorStates, stateless_seed
 from keras_aevb.prior import check_support, make_prior, sample_prior
 
 METRIC_NAMES = ("loss", "elbo", "reconstruction_log_likelihood", "kl")
@@ -25,7 +25,7 @@ DEFAULT_STEPS_PER_EXECUTION = 100
 
 
 @keras.saving.register_keras_serializable(package="keras_aevb")
-class AEVB(keras.Model):
+class AEVB(SavesGeneratorStates, keras.Model):
     """Auto-Encoding Variational Bayes: encoder, reparameterized posterior, decoder, SGVB bound.
 
     Each training step is Algorithm 1 of the paper: draw a minibatch of M datapoints, draw

@@ -19,8 +19,39 @@ def stateless_seed(seed_generator):
     return keras.random.randint([2], 0, _INT32_MAX, seed=seed_generator, dtype="int32")
 
 
+class SavesGeneratorStates:
+    """Saves the states of a layer's `keras.random.SeedGenerator`s with its variables.
+
+    Keras saves a layer's trainable and non-trainable variables but not its seed generators'
+    states (DESIGN 9), so a model restored from `.keras` or `.weights.h5` would restart its
+    noise stream: a resumed run would replay the noise of the epochs it already ran. The states
+    are stored after the layer's own variables, under the next indices; files written without
+    them still load (the generators then keep their seeded initial states).
+    """
+
+    def _own_variables(self):
+        return self._trainable_variables + self._non_trainable_variables
+
+    def _generator_states(self):
+        return [generator.state for generator in self._seed_generators]
+
+    def save_own_variables(self, store):
+        super().save_own_variables(store)
+        offset = len(self._own_variables())
+        for i, state in enumerate(self._generator_states()):
+            store[f"{offset + i}"] = state
+
+    def load_own_variables(self, store):
+        own, states = self._own_variables(), self._generator_states()
+        if len(store.keys()) != len(own) + len(states):
+            super().load_own_variables(store)  # no states in the file, or Keras's own error
+            return
+        for i, variable in enumerate(own + states):
+            variable.assign(store[f"{i}"])
+
+
 @keras.saving.register_keras_serializable(package="keras_aevb")
-class ReparameterizedPosterior(keras.layers.Layer):
+class ReparameterizedPosterior(SavesGeneratorStates, keras.layers.Layer):
     """Draws z ~ q_phi(z|x) as a differentiable function of the posterior's parameters.
 
     Paper eq. 4: z = g_phi(eps, x), eps ~ p(eps). For the Gaussian family,
@@ -33,8 +64,8 @@ class ReparameterizedPosterior(keras.layers.Layer):
 
     Calling the layer on the encoder's parameter dict returns z of shape
     `[num_samples, batch, latent_dim]`, or `[batch, latent_dim]` when `num_samples=1`. With
-    `deterministic=True` (constructor or call) it returns the posterior mean instead, for
-    serving and tests.
+    `deterministic=True` (constructor or call) it returns the posterior mean instead,
+    `[batch, latent_dim]` for every L, for serving and tests.
 
     Args:
         family: posterior family name (see `keras_aevb.families.FAMILIES`).
@@ -138,15 +169,15 @@ class ReparameterizedPosterior(keras.layers.Layer):
     def call(self, params, deterministic=None):
         deterministic = self.deterministic if deterministic is None else deterministic
         if deterministic:
-            z = self.mean(params)
-            return z if self.num_samples == 1 else ops.repeat(z[None], self.num_samples, axis=0)
+            return self.mean(params)  # one point per example, whatever L is
         z = self.sample(params)
         return z[0] if self.num_samples == 1 else z
 
     def compute_output_spec(self, params, deterministic=None):
+        deterministic = self.deterministic if deterministic is None else deterministic
         reference = params[self.param_names[0]]
         shape = tuple(reference.shape)
-        if self.num_samples > 1:
+        if self.num_samples > 1 and not deterministic:
             shape = (self.num_samples, *shape)
         return keras.KerasTensor(shape, dtype=reference.dtype)
 

@@ -281,6 +281,12 @@ def _tensorboard_available():
 
 
 def _make_strategy(name):
+    """The `tf.distribute` strategy of `--strategy NAME`.
+
+    Call it before any other TensorFlow op of the process: `MultiWorkerMirroredStrategy`
+    configures TensorFlow's collective ops, which TensorFlow refuses once it has run an op
+    ("Collective ops must be configured at program startup", DESIGN 9).
+    """
     if name == "default":
         return tf.distribute.get_strategy()
     if name == "mirrored":
@@ -288,6 +294,29 @@ def _make_strategy(name):
     if name == "multi_worker":
         return tf.distribute.MultiWorkerMirroredStrategy()
     raise ValueError(f"unknown strategy {name!r}; use one of {', '.join(STRATEGIES)}")
+
+
+def _chief_value(strategy, value):
+    """`value` as the chief (global replica 0) has it, on every worker of a multi-worker run.
+
+    Each worker picks the step size by itself (the same search on the same data and seed); on
+    machines whose CPUs round differently two nearly equal candidates could be ordered
+    differently, so the cluster takes the chief's choice, the one its config.json records.
+    Every worker must call this (it is a collective op); without workers it returns `value`.
+    """
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return value
+
+    def replica_value():
+        context = tf.distribute.get_replica_context()
+        first = tf.cast(tf.equal(context.replica_id_in_sync_group, 0), tf.float64)
+        return first * tf.constant(value, tf.float64)
+
+    @tf.function(autograph=False)  # eagerly, the strategy warns of its overhead
+    def chief_total():
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(replica_value), axis=None)
+
+    return float(chief_total().numpy())
 
 
 def make_optimizer(name, learning_rate):
@@ -686,16 +715,24 @@ def select_learning_rate(
 def _compare_rates(
     build, initial_weights, train_dataset_fn, eval_x, optimizer, candidates, steps, seed, batch_size
 ):
-    """The bound at initialization and after `steps` steps of each candidate (NaN: None)."""
-    bounds = {}
-    initial_bound = None
-    for rate in candidates:
-        keras.utils.set_random_seed(seed)  # the same noise stream for every candidate
+    """The bound at initialization and after `steps` steps of each candidate (NaN: None).
+
+    Every candidate is a fresh model from the same weights and generator states, fed the same
+    stream: the same data, noise and order. The bound at initialization is measured on a model
+    of its own, so that its noise draws shift no candidate's stream.
+    """
+
+    def fresh_model(rate):
+        keras.utils.set_random_seed(seed)
         model = build()
         model.set_weights(initial_weights)
         model.compile(optimizer=make_optimizer(optimizer, rate))
-        if initial_bound is None:
-            initial_bound = evaluate_bound(model, eval_x, batch_size)
+        return model
+
+    initial_bound = evaluate_bound(fresh_model(candidates[0]), eval_x, batch_size)
+    bounds = {}
+    for rate in candidates:
+        model = fresh_model(rate)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             train_data = train_dataset_fn()
@@ -1149,6 +1186,9 @@ def train(config: TrainConfig, print_fn=print) -> TrainResult:
 
 def _train(config: TrainConfig, print_fn, lock) -> TrainResult:
     binarization, likelihood = _check_settings(config)
+    # The strategy before any TensorFlow op (data loading, the initial model and the step-size
+    # search all run some): MultiWorkerMirroredStrategy must configure the collectives first.
+    strategy = _make_strategy(config.strategy)
     run_dir = Path(config.output)
     requested = _jsonable(config)
     previous_config, state = _read_previous_run(run_dir)
@@ -1189,14 +1229,24 @@ def _train(config: TrainConfig, print_fn, lock) -> TrainResult:
             f"({num_train} examples)"
         )
 
-    def training_dataset(seed, search=False):
+    # Steps per epoch: a pass over the data (its last batch may be short) unless the plan says.
+    steps_per_epoch = plan["steps_per_epoch"] or math.ceil(num_train / config.batch_size)
+
+    def training_dataset(initial_step=0):
         if array_input:
             return train_array
-        dataset = data_lib.make_dataset(
-            train_x, config.batch_size, pipeline_binarization, shuffle=True, seed=seed
+        # One endless stream addressed by step: a resumed run continues it where it stopped,
+        # so it ends as the same command run without a stop would; the step-size search reads
+        # the stream's beginning, as the run does.
+        return data_lib.make_dataset(
+            train_x,
+            config.batch_size,
+            pipeline_binarization,
+            shuffle=True,
+            seed=config.seed,
+            repeat=True,
+            initial_step=initial_step,
         )
-        # The step-size search needs a stream at least as long as its steps.
-        return dataset.repeat() if plan["repeat"] or search else dataset
 
     # ---- model: the initial weights every step-size candidate and the run start from
     def build():
@@ -1239,7 +1289,7 @@ def _train(config: TrainConfig, print_fn, lock) -> TrainResult:
         learning_rate, bounds = select_learning_rate(
             build,
             initial_weights,
-            lambda: training_dataset(config.seed, search=True),
+            training_dataset,
             eval_x,
             optimizer=config.optimizer,
             candidates=config.lr_candidates,
@@ -1251,9 +1301,9 @@ def _train(config: TrainConfig, print_fn, lock) -> TrainResult:
         lr_bounds = {f"{rate:g}": bound for rate, bound in bounds.items()}
     else:
         learning_rate = float(config.learning_rate)
+    learning_rate = _chief_value(strategy, learning_rate)
 
     # ---- the model that trains, under the distribution strategy
-    strategy = _make_strategy(config.strategy)
     chief = is_chief()
     keras.utils.set_random_seed(config.seed)
     with strategy.scope():
@@ -1337,9 +1387,7 @@ def _train(config: TrainConfig, print_fn, lock) -> TrainResult:
 
         events_check = EventFilesCheck(run_dir / "logs", writers)
         callbacks += [board, images, events_check]
-    # A resumed run draws a new data order and binarization stream: replaying epoch 1's would
-    # correlate the epochs before and after the interruption.
-    train_dataset = training_dataset(config.seed + initial_epoch)
+    train_dataset = training_dataset(initial_epoch * steps_per_epoch)
     test_dataset = data_lib.make_dataset(test_x, config.batch_size, "none", shuffle=False)
     if initial_epoch:
         print_fn(f"keras-aevb: resuming {run_dir} after epoch {initial_epoch}")
@@ -1353,7 +1401,7 @@ def _train(config: TrainConfig, print_fn, lock) -> TrainResult:
                 **fit_kwargs,
                 epochs=plan["epochs"],
                 initial_epoch=initial_epoch,
-                steps_per_epoch=plan["steps_per_epoch"],
+                steps_per_epoch=None if array_input else steps_per_epoch,
                 validation_data=test_dataset,
                 callbacks=callbacks,
                 verbose=config.verbose,
