@@ -14,7 +14,8 @@ Test-only API (reusable by any test module):
   `log_px [n]` (float64, SciPy), `post_mean [n, z_dim]`, `post_cov [z_dim, z_dim]`.
 - `LinearGaussianDecoder(w, b, noise_std)`: the decoder interface of keras_aevb (call(z) ->
   {"x_mean", "x_log_var"}, distribution, mean, log_likelihood, output_shape, likelihood,
-  check_data); W and b are trainable weights initialised to the given values.
+  max_log_likelihood, check_data); W and b are trainable weights initialised to the given
+  values.
 - `PosteriorEncoder(w, b, noise_std, mean_shift=0.0, log_var_shift=0.0)`: returns the exact
   posterior's mean and log of the diagonal of S (exact for orthogonal W), optionally shifted to
   make a worse proposal.
@@ -100,6 +101,11 @@ class LinearGaussianDecoder(keras.layers.Layer):
 
     def log_likelihood(self, x, outputs):
         return self.distribution(outputs).log_prob(x)
+
+    @property
+    def max_log_likelihood(self):
+        """log N(x; x, s^2 I) = -x_dim (log(2 pi) / 2 + log s): the density's peak."""
+        return -self.output_shape[0] * (0.5 * np.log(2.0 * np.pi) + np.log(self.noise_std))
 
     def check_data(self, x):
         return None
