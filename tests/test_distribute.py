@@ -4,12 +4,15 @@ Each test runs its TensorFlow program in a fresh subprocess: logical devices mus
 before TensorFlow initialises its devices, and a multi-worker cluster is one process per worker.
 """
 
+import csv
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -267,3 +270,107 @@ def test_multi_worker_mirrored_trains_on_two_processes_and_only_the_chief_writes
     )
     with open(out_dirs[0] / "history.json") as f:
         assert json.load(f)["loss"] == chief["loss"]
+
+
+# ---------------------------------------------------------------------------- the CLI, 2 workers
+
+CLI_TINY = ["--latent-dim", "2", "--hidden-units", "16", "--verbose", "0", "--seed", "0"]
+SUMMARY = re.compile(r"epoch (\d+)/(\d+), ([\d,]+) examples; bound train (\S+), test (\S+) nats")
+CHOSE = re.compile(r"learning rate auto: .* chose (\S+)")
+
+
+def _cli_worker(tmp_path, mnist_dir, cluster, index, run_dir, extra):
+    tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
+    env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
+    env.update(PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="2", TF_CONFIG=tf_config)
+    argv = [sys.executable, "-m", "keras_aevb", "train", "--dataset", "mnist",
+            "--data-dir", str(mnist_dir), "--output", str(run_dir),
+            "--strategy", "multi_worker", *CLI_TINY, "--no-tensorboard", *extra]  # fmt: skip
+    # Output to files, not pipes: a worker blocked on a full pipe would stall the cluster.
+    out, err = tmp_path / f"worker{index}.out", tmp_path / f"worker{index}.err"
+    with open(out, "w") as stdout, open(err, "w") as stderr:
+        process = subprocess.Popen(argv, stdout=stdout, stderr=stderr, env=env, cwd=tmp_path)
+    return process, out, err
+
+
+def _wait_for_cluster(workers, timeout):
+    """Waits for every worker; stops early when one fails (the others would wait for it)."""
+    deadline = time.monotonic() + timeout
+    try:
+        while any(process.poll() is None for process, _, _ in workers):
+            if any(process.poll() not in (None, 0) for process, _, _ in workers):
+                break
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+    finally:
+        for process, _, _ in workers:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    results = []
+    for index, (process, out, err) in enumerate(workers):
+        stderr = err.read_text()
+        assert process.returncode == 0, (
+            f"worker {index} exit {process.returncode} (negative: killed after {timeout} s or "
+            f"when another worker failed); stderr tail:\n{stderr[-4000:]}"
+        )
+        results.append(out.read_text())
+    return results
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "rate_flags",
+    [
+        pytest.param(["--lr-search-steps", "3"], id="learning-rate-auto"),
+        pytest.param(["--learning-rate", "0.02"], id="fixed-learning-rate"),
+    ],
+)
+def test_cli_multi_worker_two_processes_train_and_only_the_chief_writes(
+    tmp_path, mnist_dir, rate_flags
+):
+    """The README's multi-machine command, as written, on two worker processes on localhost.
+
+    Each worker gets its own --output, as on two machines with their own disks: worker 0 (the
+    chief) writes the run; worker 1 trains in lockstep and writes nothing.
+    """
+    ports = _free_ports(2)
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
+    run_dirs = [tmp_path / "machine_a" / "run", tmp_path / "machine_b" / "run"]
+    # 300 synthetic training examples, M = 100: 3 global steps (50 examples per worker) an epoch.
+    extra = ["--epochs", "2", *rate_flags]
+    workers = [_cli_worker(tmp_path, mnist_dir, cluster, i, run_dirs[i], extra) for i in range(2)]
+    # Each worker takes 1-2 minutes on 2 idle cores (the step-size search runs on both); the
+    # limit leaves room for a loaded machine.
+    chief_out, worker_out = _wait_for_cluster(workers, timeout=900)
+
+    # The chief wrote the run; worker 1 wrote nothing.
+    chief_dir = run_dirs[0]
+    assert {"config.json", "history.csv", "model.keras", "checkpoints"} <= {
+        p.name for p in chief_dir.iterdir()
+    }
+    assert not run_dirs[1].exists() or list(run_dirs[1].iterdir()) == []
+    config = json.loads((chief_dir / "config.json").read_text())
+    with open(chief_dir / "history.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert [int(r["examples_seen"]) for r in rows] == [300, 600]
+
+    # Synchronous training: both workers print the same final bounds (the all-reduced metric
+    # of the same weights), and they are the chief's history.csv row, to its printed precision.
+    chief_summary, worker_summary = SUMMARY.search(chief_out), SUMMARY.search(worker_out)
+    assert chief_summary and worker_summary, (chief_out, worker_out)
+    assert chief_summary.groups() == worker_summary.groups()
+    assert chief_summary.group(4) == f"{float(rows[-1]['train_elbo']):.2f}"
+    assert chief_summary.group(5) == f"{float(rows[-1]['test_elbo']):.2f}"
+
+    # One learning rate for the cluster, the one recorded in the chief's config.json.
+    if "--learning-rate" in rate_flags:
+        assert config["learning_rate_used"] == 0.02
+        assert not CHOSE.search(chief_out) and not CHOSE.search(worker_out)
+    else:
+        chose = {float(CHOSE.search(out).group(1)) for out in (chief_out, worker_out)}
+        assert chose == {config["learning_rate_used"]}
+        assert config["learning_rate_used"] in (0.01, 0.02, 0.1)
+        assert set(config["learning_rate_search"]) == {"0.01", "0.02", "0.1"}
