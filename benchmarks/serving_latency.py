@@ -69,9 +69,8 @@ def main():
     repeats = {1: args.repeats, 1000: max(args.repeats // 10, 20)}
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "mnist_vae", "1")
         start = time.perf_counter()
-        export_saved_model(model, path)
+        path = export_saved_model(model, os.path.join(tmp, "mnist_vae"), version=1)
         export_seconds = time.perf_counter() - start
         size = _directory_bytes(path)
         pb_size = os.path.getsize(os.path.join(path, "saved_model.pb"))

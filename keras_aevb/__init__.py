@@ -27,6 +27,7 @@ from keras_aevb.version import __version__  # noqa: F401 (in __all__)
 _EXPORTS = {
     "AEVB": "model",
     "BernoulliDecoder": "decoder",
+    "DataError": "data",
     "FAMILIES": "families",
     "Family": "families",
     "FusedAdagrad": "optimizers",

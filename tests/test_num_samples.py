@@ -82,7 +82,7 @@ def test_train_reconstruct_and_export_with_several_samples(tmp_path, mnist_dir):
     assert model.num_samples == 2
     from keras_aevb.export import export_saved_model
 
-    version = export_saved_model(model, tmp_path / "served" / "1")
+    version = export_saved_model(model, tmp_path / "served")
     import tensorflow as tf
 
     loaded = tf.saved_model.load(str(version))
