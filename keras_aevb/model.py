@@ -366,7 +366,8 @@ class AEVB(SavesGeneratorStates, keras.Model):
     ):
         """`keras.Model.compile` with defaults chosen by measurement for this model.
 
-        - `steps_per_execution`: `DEFAULT_STEPS_PER_EXECUTION` (100; 1 when `run_eagerly`).
+        - `steps_per_execution`: `DEFAULT_STEPS_PER_EXECUTION` (100; 1 when `run_eagerly` or
+          under a `tf.distribute` strategy, where Keras's own loop runs).
           Each call of the train function costs ~2 ms of Python and dispatch on the 2-core CPU
           measured, against a few ms per paper-model step at M = 100. `fit` and `evaluate` still
           run exactly `steps_per_epoch` / `steps` steps (an execution stops there); batch-level
@@ -388,7 +389,10 @@ class AEVB(SavesGeneratorStates, keras.Model):
         strategy = self.distribute_strategy
         replicas = strategy.num_replicas_in_sync
         if steps_per_execution is None:
-            steps_per_execution = 1 if run_eagerly or replicas > 1 else DEFAULT_STEPS_PER_EXECUTION
+            # Keras's own loop (eager, or any tf.distribute strategy, even of one replica) runs
+            # whole executions: more steps than `steps_per_epoch` asks on an endless dataset.
+            own_loop = run_eagerly or not _is_default_strategy(strategy)
+            steps_per_execution = 1 if own_loop else DEFAULT_STEPS_PER_EXECUTION
         elif steps_per_execution > 1 and replicas > 1:
             warnings.warn(
                 f"steps_per_execution={steps_per_execution} with {replicas} replicas: Keras 3 "
