@@ -875,14 +875,17 @@ class ImageSummaries(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         from keras_aevb.plotting import image_grid, reconstruction_grid
 
-        if self._writer is None:
-            self._writer = tf.summary.create_file_writer(self.log_dir)
         samples = image_grid(np.asarray(self.model.sample(self.num_samples, seed=self.seed)))
         reconstructions = reconstruction_grid(self.model, self.test_x, cols=8)
-        with self._writer.as_default():
-            for name, grid in (("samples", samples), ("reconstructions", reconstructions)):
-                tf.summary.image(name, grid[None, :, :, None], step=epoch + 1)
-        self._writer.flush()
+        # Creating the events file writes its first record, and raises on a full disk (later
+        # writes fail silently: EventFilesCheck reads them back).
+        with _io.no_space_guard(self.log_dir):
+            if self._writer is None:
+                self._writer = tf.summary.create_file_writer(self.log_dir)
+            with self._writer.as_default():
+                for name, grid in (("samples", samples), ("reconstructions", reconstructions)):
+                    tf.summary.image(name, grid[None, :, :, None], step=epoch + 1)
+            self._writer.flush()
 
     def on_train_end(self, logs=None):
         if self._writer is not None:
