@@ -1353,6 +1353,11 @@ def _train(config: TrainConfig, print_fn, lock) -> TrainResult:
     # ---- from here on the run directory is written
     if chief:
         lock.begin_writing()  # the PID into .lock; temporary files of dead processes go
+        # A run killed between committing a checkpoint and deleting the one it replaced left
+        # both: the one state.json names is in place, so the other goes.
+        for old in sorted((run_dir / "checkpoints").glob("*.weights.h5")):
+            if state is not None and old.name != state["weights"]:
+                _io.remove(old)
         _atomic_write_json(run_dir / "config.json", resolved)
         _atomic_write_bytes(run_dir / "history.csv", _history_csv_bytes(rows))
 
