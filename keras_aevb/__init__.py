@@ -49,13 +49,14 @@ _EXPORTS = {
     "paper_model": "paper",
     "paper_optimizer": "paper",
     "posterior_families": "families",
+    "pretrained": "pretrained_models",
     "sgvb_terms": "estimator",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])
 
 # Submodules that need no TensorFlow (the command line's own); any other is TensorFlow code.
-_LIGHT_SUBMODULES = frozenset({"_io", "cli", "data", "plotting", "version"})
+_LIGHT_SUBMODULES = frozenset({"_io", "cli", "data", "plotting", "reproduce", "version"})
 
 
 def _require_tensorflow_backend():

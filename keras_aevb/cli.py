@@ -74,6 +74,7 @@ DECODERS = ("auto", "bernoulli", "gaussian")
 OPTIMIZERS = ("adagrad", "adam")
 METHODS = ("aevb", "wake_sleep", "mcem")
 STRATEGIES = ("default", "mirrored", "multi_worker")
+FIGURES = ("fig2", "fig3", "fig4", "fig5")  # keras_aevb.reproduce.FIGURES
 
 # Caps on what a request can make the program allocate (DESIGN 6b). A picture of MAX_SAMPLES
 # MNIST digits is 2998 x 2998 pixels; the decoder's activations for them take tens of MB.
@@ -157,6 +158,17 @@ def _capped_int(cap):
         return value
 
     return parse
+
+
+def _example_count(text):
+    """A count of examples written as 10000000 or 1e7."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number such as 1e7, got {text!r}") from None
+    if not math.isfinite(value) or value < 1 or value != int(value):
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text!r}")
+    return int(value)
 
 
 def _nonnegative_int(text):
@@ -512,6 +524,31 @@ def check_plot(args):
 
 
 # ------------------------------------------------------------------------------ commands
+
+
+def check_reproduce(args):
+    from keras_aevb import reproduce
+
+    datasets = reproduce._datasets(args.figure, args.dataset)
+    for dataset in datasets:
+        _check_data_files(dataset, args.data_dir, ("train", "test"))
+
+
+def cmd_reproduce(args):
+    from keras_aevb import reproduce
+
+    reproduce.reproduce(
+        args.figure,
+        dataset=args.dataset,
+        budget=args.budget,
+        runs_dir=args.runs_dir,
+        out=args.out,
+        data_dir=args.data_dir,
+        mcem_budget=args.mcem_budget,
+        pretrained_dir=args.pretrained_dir,
+        verbose=args.verbose,
+    )
+    return 0
 
 
 def cmd_train(args):
@@ -893,6 +930,44 @@ def build_parser():
     )
     _add_picture_flags(p, "a manifold of")
     p.set_defaults(func=cmd_manifold, check=check_manifold)
+
+    # ---- reproduce
+    p = commands.add_parser(
+        "reproduce",
+        help="train (or resume) every run of one of the paper's figures, then draw it",
+        description="Trains or resumes, through `train`, every run FIGURE needs (fig2: the "
+        "bound of AEVB and wake-sleep for each N_z; fig3: the marginal likelihood of AEVB, "
+        "wake-sleep and Monte Carlo EM; fig4: the 2-D manifolds; fig5: samples), then writes "
+        "the figure and its CSVs under OUT/FIGURE/. Rerunning is cheap (finished runs are only "
+        "read); a larger --budget extends the runs. Keep --runs-dir outside a git checkout.",
+    )
+    p.add_argument("figure", choices=FIGURES)
+    p.add_argument("--dataset", choices=DATASETS, help="one data set (default: all the figure's)")
+    p.add_argument(
+        "--budget",
+        type=_example_count,
+        default=10**7,
+        help="training examples per run, e.g. 1e7 (default), rounded up to whole epochs",
+    )
+    p.add_argument(
+        "--mcem-budget",
+        type=_example_count,
+        help="fig3: training examples for Monte Carlo EM (default: --budget)",
+    )
+    p.add_argument(
+        "--runs-dir", default="runs", help="where the run directories live (default runs)"
+    )
+    p.add_argument("--out", default="results", help="results directory (default results)")
+    p.add_argument(
+        "--pretrained-dir",
+        help="also save the runs shipped as pretrained models there (weights only), e.g. "
+        "saved_models/pretrained",
+    )
+    p.add_argument("--data-dir", help="directory with the data files (see `train -h`)")
+    p.add_argument(
+        "--verbose", type=int, choices=(0, 1, 2), default=2, help="fit's verbosity (default 2)"
+    )
+    p.set_defaults(func=cmd_reproduce, check=check_reproduce)
 
     # ---- plot
     p = commands.add_parser(
