@@ -529,8 +529,8 @@ def check_plot(args):
 def check_reproduce(args):
     from keras_aevb import reproduce
 
-    datasets = reproduce._datasets(args.figure, args.dataset)
-    for dataset in datasets:
+    runs = reproduce.chosen_runs(args.figure, args.dataset, args.latent_dim)
+    for dataset in sorted({run.dataset for run in runs}):
         _check_data_files(dataset, args.data_dir, ("train", "test"))
 
 
@@ -546,6 +546,7 @@ def cmd_reproduce(args):
         data_dir=args.data_dir,
         mcem_budget=args.mcem_budget,
         pretrained_dir=args.pretrained_dir,
+        latent_dims=args.latent_dim,
         verbose=args.verbose,
     )
     return 0
@@ -942,6 +943,12 @@ def build_parser():
         "read); a larger --budget extends the runs. Keep --runs-dir outside a git checkout.",
     )
     p.add_argument("figure", choices=FIGURES)
+    p.add_argument(
+        "--latent-dim",
+        type=_positive_int,
+        action="append",
+        help="train only the runs with this N_z (repeat for more; default all): a figure in stages",
+    )
     p.add_argument("--dataset", choices=DATASETS, help="one data set (default: all the figure's)")
     p.add_argument(
         "--budget",

@@ -48,6 +48,7 @@ __all__ = [
     "FIGURES",
     "RunSpec",
     "budget_stages",
+    "chosen_runs",
     "figure_runs",
     "reproduce",
     "train_config",
@@ -163,6 +164,23 @@ def figure_runs(figure, dataset=None):
     return runs
 
 
+def chosen_runs(figure, dataset=None, latent_dims=None):
+    """`figure_runs`, only those with N_z in `latent_dims` (None: all); an N_z the figure does
+    not have is a ValueError naming the ones it has."""
+    specs = figure_runs(figure, dataset)
+    if latent_dims is None:
+        return specs
+    latent_dims = {int(n) for n in latent_dims}
+    have = sorted({s.latent_dim for s in specs})
+    unknown = sorted(latent_dims - set(have))
+    if unknown:
+        raise ValueError(
+            f"{figure} has no N_z = {', '.join(map(str, unknown))} run; its N_z are "
+            f"{', '.join(map(str, have))}"
+        )
+    return [s for s in specs if s.latent_dim in latent_dims]
+
+
 def budget_stages(budget):
     """Fig. 3's scoring points: 1, 3 x 10^k examples up to `budget`, and `budget` itself."""
     stages = [
@@ -220,6 +238,7 @@ def reproduce(
     data_dir=None,
     mcem_budget=None,
     pretrained_dir=None,
+    latent_dims=None,
     verbose=2,
     print_fn=print,
 ):
@@ -235,6 +254,8 @@ def reproduce(
         data_dir: where the data files are; None: `keras_aevb.data.default_data_dir`.
         mcem_budget: Fig. 3's budget for Monte Carlo EM (its steps cost far more than AEVB's);
             None: `budget`.
+        latent_dims: train only the runs with these N_z (a figure in stages); the figure
+            still draws every panel whose runs have CSVs under `out`.
         pretrained_dir: if given, the runs that ship as pretrained models
             (`keras_aevb.pretrained_models.SHIPPED_RUNS`) are saved there (weights only).
         verbose: Keras's fit verbosity for the runs.
@@ -249,9 +270,10 @@ def reproduce(
     mcem_budget = budget if mcem_budget is None else _check_budget(mcem_budget, "mcem_budget")
     out_dir = Path(out) / figure
     specs = figure_runs(figure, dataset)
+    chosen = chosen_runs(figure, dataset, latent_dims)
     written = []
     if figure == "fig3":
-        for spec in specs:
+        for spec in chosen:
             run_budget = mcem_budget if spec.method == "mcem" else budget
             written += _fig3_run_and_score(
                 spec, runs_dir, run_budget, data_dir, out_dir, verbose, print_fn
@@ -259,7 +281,7 @@ def reproduce(
         written.append(_plot_fig3(specs, out_dir))
         return written
     results = {}
-    for spec in specs:
+    for spec in chosen:
         result = _train(spec, runs_dir, budget, data_dir, verbose, print_fn)
         results[spec.name] = result
         written.append(_copy_history(Path(result.run_dir), out_dir / f"{spec.name}.csv"))
@@ -273,14 +295,14 @@ def reproduce(
     elif figure == "fig4":
         from keras_aevb import plotting
 
-        for spec in specs:
+        for spec in chosen:
             grid = plotting.manifold(results[spec.name].model, grid=20)
             path = out_dir / f"{spec.dataset}.png"
             written.append(plotting.save_image(path, grid, scale=2))
     else:
         from keras_aevb import plotting
 
-        for spec in specs:
+        for spec in chosen:
             grid = plotting.sample_grid(results[spec.name].model, 100, seed=0, rows=10)
             path = out_dir / f"{spec.dataset}_nz{spec.latent_dim}.png"
             written.append(plotting.save_image(path, grid, scale=2))
@@ -366,7 +388,8 @@ def _write_fig2_summary(specs, out_dir, dataset):
     columns += [f"test_elbo_at_{m:.0e}".replace("+0", "") for m in MILESTONES]
     rows = []
     for spec in specs:
-        history = _read_rows(out_dir / f"{spec.name}.csv")
+        path = out_dir / f"{spec.name}.csv"
+        history = _read_rows(path) if path.is_file() else []
         if not history:
             continue
         last = history[-1]
@@ -406,6 +429,8 @@ def _plot_fig2(specs, out_dir, dataset):
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(ticker.FuncFormatter(_examples_label))
         ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+        if not ax.lines:
+            ax.text(0.5, 0.5, "not run yet", ha="center", va="center", transform=ax.transAxes)
         ax.set_title(f"{'MNIST' if dataset == 'mnist' else 'Frey Face'}, $N_z$ = {nz}")
         ax.set_xlabel("# training samples evaluated")
         ax.grid(True, which="both", alpha=0.3)

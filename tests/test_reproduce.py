@@ -162,6 +162,7 @@ def test_the_command_line_refuses_a_bad_figure_request_in_one_line(tmp_path):
         (["reproduce", "fig2", "--budget", "lots"], "--budget: must be a number such as 1e7"),
         (["reproduce", "fig2", "--budget", "0"], "--budget: must be a positive whole number"),
         (["reproduce", "fig7"], "invalid choice: 'fig7'"),
+        (["reproduce", "fig2", "--latent-dim", "7"], "fig2 has no N_z = 7 run; its N_z are 2, 3,"),
     ):
         done = subprocess.run(
             [sys.executable, "-m", "keras_aevb", *argv],
