@@ -21,6 +21,16 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     packages=find_packages(include=["keras_aevb", "keras_aevb.*"]),
+    # The pretrained models (keras_aevb.pretrained): a wheel installs them where
+    # keras_aevb.pretrained_models.pretrained_dir looks for them outside a source tree.
+    data_files=[
+        (
+            "share/keras_aevb/pretrained",
+            sorted(
+                str(p.relative_to(HERE)) for p in (HERE / "saved_models" / "pretrained").glob("*")
+            ),
+        )
+    ],
     python_requires=">=3.10",
     install_requires=[
         # Tested with TensorFlow 2.21, TFP 0.25, Keras 3.15. TFP's `[tf]` extra brings
