@@ -612,7 +612,8 @@ def cmd_evaluate(args):
     Fields: `elbo` (the SGVB bound with the model's L, nats per datapoint), `log_likelihood`
     (importance-sampled with K = --num-samples, or App. D's HMC estimator with --method hmc;
     null for K = 0), `num_examples`, `binarization` (the method), `evaluated_on` (for dynamic:
-    which fixed draw), `split`, `dataset`, and with K > 0 `method` and `num_samples`.
+    which fixed draw), `split`, `dataset`, with K > 0 `method` and `num_samples`, and `latent`:
+    active units, KL per latent dimension and I(x; z) (`keras_aevb.diagnostics.latent_report`).
     """
     import numpy as np
 
@@ -655,8 +656,20 @@ def cmd_evaluate(args):
         result["log_likelihood"] = float(np.mean(np.asarray(values, dtype=np.float64)))
         result["method"] = args.method
         result["num_samples"] = args.num_samples
+    result["latent"] = _latent_report(model, x)
     print(json.dumps(result))
     return 0
+
+
+def _latent_report(model, x):
+    """Posterior-collapse diagnostics (keras_aevb.diagnostics.latent_report), or None where the
+    model's posterior or prior is not a product of scalar distributions."""
+    from keras_aevb import diagnostics
+
+    try:
+        return diagnostics.latent_report(model, x)
+    except ValueError:
+        return None
 
 
 def cmd_sample(args):

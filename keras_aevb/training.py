@@ -862,21 +862,36 @@ class RunRecorder(keras.callbacks.Callback):
 
 
 class ImageSummaries(keras.callbacks.Callback):
-    """TensorBoard image grids once per epoch: samples from p(z) and test reconstructions."""
+    """TensorBoard summaries once per epoch: image grids (samples from p(z), test
+    reconstructions) and the posterior-collapse diagnostics of `keras_aevb.diagnostics` on the
+    first `num_diagnostic` test examples (scalars `latent/active_units` and
+    `latent/mutual_information`, histogram `latent/kl_per_dimension`).
 
-    def __init__(self, log_dir, test_x, num_samples=64, num_reconstructions=16, seed=0):
+    Nothing here draws from the model's own random generators (fixed seeds only), so a run with
+    summaries trains exactly as one without.
+    """
+
+    def __init__(
+        self, log_dir, test_x, num_samples=64, num_reconstructions=16, seed=0, num_diagnostic=1000
+    ):
         super().__init__()
         self.log_dir = str(log_dir)
         self.test_x = np.asarray(test_x[:num_reconstructions], np.float32)
+        self.diagnostic_x = np.asarray(test_x[:num_diagnostic], np.float32)
         self.num_samples = int(num_samples)
         self.seed = int(seed)
         self._writer = None
 
     def on_epoch_end(self, epoch, logs=None):
+        from keras_aevb import diagnostics
         from keras_aevb.plotting import image_grid, reconstruction_grid
 
         samples = image_grid(np.asarray(self.model.sample(self.num_samples, seed=self.seed)))
         reconstructions = reconstruction_grid(self.model, self.test_x, cols=8)
+        try:
+            report = diagnostics.latent_report(self.model, self.diagnostic_x)
+        except ValueError:  # a posterior or prior that is not a product of scalars
+            report = None
         # Creating the events file writes its first record, and raises on a full disk (later
         # writes fail silently: EventFilesCheck reads them back).
         with _io.no_space_guard(self.log_dir):
@@ -885,6 +900,15 @@ class ImageSummaries(keras.callbacks.Callback):
             with self._writer.as_default():
                 for name, grid in (("samples", samples), ("reconstructions", reconstructions)):
                     tf.summary.image(name, grid[None, :, :, None], step=epoch + 1)
+                if report is not None:
+                    step = epoch + 1
+                    tf.summary.scalar("latent/active_units", report["active_units"], step=step)
+                    tf.summary.scalar(
+                        "latent/mutual_information", report["mutual_information"], step=step
+                    )
+                    tf.summary.histogram(
+                        "latent/kl_per_dimension", report["kl_per_dimension"], step=step
+                    )
             self._writer.flush()
 
     def on_train_end(self, logs=None):

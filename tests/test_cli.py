@@ -22,6 +22,7 @@ import keras
 import matplotlib.image
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import keras_aevb
 from keras_aevb import training
@@ -128,7 +129,13 @@ def test_train_writes_the_run_directory(trained_run):
     else:
         logs = trained_run / "logs"
         assert list((logs / "train").glob("events.out.tfevents.*"))
-        assert list((logs / "images").glob("events.out.tfevents.*"))
+        images = list((logs / "images").glob("events.out.tfevents.*"))
+        assert images
+        tags = set()
+        for record in tf.compat.v1.train.summary_iterator(str(images[0])):
+            tags |= {value.tag for value in record.summary.value}
+        assert {"samples", "reconstructions", "latent/active_units"} <= tags
+        assert {"latent/mutual_information", "latent/kl_per_dimension"} <= tags
 
 
 def test_train_learning_rate_auto(tmp_path, mnist_dir, capsys):
@@ -414,6 +421,12 @@ def test_evaluate_prints_one_json_line(capsys, trained_run):
     # The importance-sampled estimate with K=20 is a tighter bound than the ELBO (Burda et
     # al.): above it up to the Monte Carlo noise of both (< 1 nat here).
     assert result["log_likelihood"] > result["elbo"] - 1.0
+    # Posterior-collapse diagnostics of the same test examples (keras_aevb.diagnostics).
+    latent = result["latent"]
+    assert latent["latent_dim"] == 2 and 0 <= latent["active_units"] <= 2
+    assert len(latent["kl_per_dimension"]) == 2 and min(latent["kl_per_dimension"]) >= 0
+    # The KL terms add up to the bound's KL; I(x; z) is at most log N (100 examples).
+    assert 0 <= latent["mutual_information"] <= math.log(100) + 1e-6
 
 
 def test_evaluate_bound_only_and_train_split(capsys, trained_run):
