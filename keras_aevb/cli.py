@@ -717,6 +717,145 @@ def cmd_manifold(args):
     return 0
 
 
+def _pair(text):
+    try:
+        first, second = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be two example indices I:J, got {text!r}") from None
+    if first < 0 or second < 0:
+        raise argparse.ArgumentTypeError(f"indices must be >= 0, got {text!r}")
+    return first, second
+
+
+def _int_list(text):
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be integers separated by commas, got {text!r}"
+        ) from None
+
+
+def _float_list(text):
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be numbers separated by commas, got {text!r}"
+        ) from None
+
+
+def _examples(args, count):
+    """The first `count` examples of the chosen split (as `reconstruct` reads them)."""
+    from keras_aevb import training
+
+    dataset, data_dir, binarization, seed = args.data_settings
+    x, _ = training.load_eval_split(
+        dataset, data_dir, args.split, binarization, seed=seed, num_examples=count
+    )
+    if len(x) < count:
+        raise UsageError(
+            f"the {args.split} split has {len(x)} examples; pass indices below {len(x)}"
+        )
+    return x
+
+
+def check_reconstruct_like(args):
+    args.out = _out_path(args.out, FIGURE_SUFFIXES)
+    _check_model_and_data(args, (args.split,))
+
+
+def cmd_interpolate(args):
+    import numpy as np
+
+    from keras_aevb import plotting
+
+    model = load_model(args.model)
+    x = _examples(args, 1 + max(max(pair) for pair in args.pairs))
+    x_a = np.stack([x[i] for i, _ in args.pairs])
+    x_b = np.stack([x[j] for _, j in args.pairs])
+    method = "linear" if args.linear else "spherical"
+    images = np.asarray(model.interpolate(x_a, x_b, steps=args.steps, method=method))
+    t = np.linspace(0.0, 1.0, args.steps)
+    print(
+        plotting.labelled_grid(
+            images,
+            args.out,
+            row_labels=[f"{i} -> {j}" for i, j in args.pairs],
+            col_labels=[f"t={v:.2f}" for v in t],
+            title=f"{method} interpolation between the posterior means ({args.split} examples)",
+        )
+    )
+    return 0
+
+
+def cmd_traverse(args):
+    import numpy as np
+
+    from keras_aevb import plotting
+
+    model = load_model(args.model)
+    dims = args.dims if args.dims is not None else list(range(min(int(model.latent_dim), 10)))
+    bad = [d for d in dims if not 0 <= d < int(model.latent_dim)]
+    if bad:
+        raise UsageError(
+            f"--dims {bad} outside the model's latent dimensions 0..{int(model.latent_dim) - 1}"
+        )
+    x = _examples(args, args.index + 1)[args.index]
+    values = np.asarray(args.values, np.float32)
+    images = np.stack([np.asarray(model.traverse(x, d, values)) for d in dims])
+    print(
+        plotting.labelled_grid(
+            images,
+            args.out,
+            row_labels=[f"z_{d}" for d in dims],
+            col_labels=[f"{v:g}" for v in values],
+            title=f"{args.split} example {args.index}: one latent dimension at a time",
+        )
+    )
+    return 0
+
+
+def check_embed(args):
+    suffix = Path(args.out).suffix.lower()
+    if suffix not in (".npy", ".csv"):
+        raise UsageError(f"--out {args.out}: use a .npy or .csv file for the embeddings")
+    if args.plot is not None:
+        args.plot = _out_path(args.plot, FIGURE_SUFFIXES)
+    _check_model_and_data(args, (args.split,))
+
+
+def cmd_embed(args):
+    import numpy as np
+
+    from keras_aevb import _io, plotting, training
+    from keras_aevb import data as data_lib
+
+    model = load_model(args.model)
+    dataset, data_dir, binarization, seed = args.data_settings
+    x, _ = training.load_eval_split(
+        dataset, data_dir, args.split, binarization, seed=seed, num_examples=args.max_examples
+    )
+    _check_event_shape(model, x, dataset)
+    z = np.concatenate([np.asarray(model.embed(x[i : i + 1000])) for i in range(0, len(x), 1000)])
+    out = Path(args.out)
+    if out.suffix.lower() == ".npy":
+        _io.atomic_write(out, lambda f: np.save(f, z))
+    else:
+        header = ",".join(f"z_{j}" for j in range(z.shape[1]))
+        _io.atomic_write(out, lambda f: np.savetxt(f, z, delimiter=",", header=header, comments=""))
+    print(out)
+    if args.plot is not None:
+        labels = None
+        if dataset == "mnist":
+            directory = data_dir or data_lib.default_data_dir("mnist")
+            labels = data_lib.load_mnist(directory, args.split)[1][: len(z)]
+        if z.shape[1] < 2:
+            raise UsageError("--plot needs a latent space of at least 2 dimensions")
+        print(plotting.embedding_plot(z, args.plot, labels, title=f"{dataset} {args.split}"))
+    return 0
+
+
 def cmd_plot(args):
     from keras_aevb import plotting
 
@@ -988,6 +1127,55 @@ def build_parser():
         "--verbose", type=int, choices=(0, 1, 2), default=2, help="fit's verbosity (default 2)"
     )
     p.set_defaults(func=cmd_reproduce, check=check_reproduce)
+
+    # ---- latent tools
+    p = commands.add_parser(
+        "interpolate", help="decode the latent path between pairs of examples (labelled grid)"
+    )
+    p.add_argument("model", help="RUN_DIR/model.keras")
+    _add_data_flags(p)
+    p.add_argument(
+        "--pairs",
+        type=_pair,
+        nargs="+",
+        default=[(0, 1)],
+        metavar="I:J",
+        help="pairs of example indices of the split, one row each (default 0:1)",
+    )
+    p.add_argument(
+        "--steps", type=_capped_int(100), default=10, help="points per path (default 10)"
+    )
+    p.add_argument("--linear", action="store_true", help="straight lines (default: spherical)")
+    p.add_argument("--out", required=True, help="the picture (.png, .pdf, .svg, ...)")
+    p.set_defaults(func=cmd_interpolate, check=check_reconstruct_like)
+
+    p = commands.add_parser(
+        "traverse", help="vary one latent dimension at a time around an example (labelled grid)"
+    )
+    p.add_argument("model", help="RUN_DIR/model.keras")
+    _add_data_flags(p)
+    p.add_argument("--index", type=_nonnegative_int, default=0, help="example index (default 0)")
+    p.add_argument(
+        "--dims", type=_int_list, help="latent dimensions, e.g. 0,1,2 (default: the first 10)"
+    )
+    p.add_argument(
+        "--values",
+        type=_float_list,
+        default=[-3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0],
+        help="values of the dimension, e.g. --values=-3,-1.5,0,1.5,3 (with '=': a list that starts with a minus sign; default -3..3 in steps of 1)",
+    )
+    p.add_argument("--out", required=True, help="the picture (.png, .pdf, .svg, ...)")
+    p.set_defaults(func=cmd_traverse, check=check_reconstruct_like)
+
+    p = commands.add_parser(
+        "embed", help="write the posterior means E[z|x] of a split (and optionally plot them)"
+    )
+    p.add_argument("model", help="RUN_DIR/model.keras")
+    _add_data_flags(p)
+    p.add_argument("--max-examples", type=_positive_int, help="use the first N examples")
+    p.add_argument("--out", required=True, help="the embeddings: FILE.npy or FILE.csv")
+    p.add_argument("--plot", help="also draw z_1 against z_2, coloured by MNIST label (.png, ...)")
+    p.set_defaults(func=cmd_embed, check=check_embed)
 
     # ---- plot
     p = commands.add_parser(

@@ -24,7 +24,9 @@ import numpy as np
 from keras_aevb._io import atomic_write
 
 __all__ = [
+    "embedding_plot",
     "image_grid",
+    "labelled_grid",
     "manifold",
     "manifold_points",
     "plot_bound",
@@ -238,6 +240,69 @@ def manifold(model, grid=20):
     z = manifold_points(model, grid)
     images = np.asarray(model.decode(z))
     return image_grid(images, rows=int(grid), cols=int(grid), pad=0)
+
+
+def labelled_grid(images, out, row_labels, col_labels, title=None, pad=2):
+    """Writes a grid of images `[rows, cols, height, width]` with a label per row and column
+    (e.g. latent dimension by value for a traversal, pair by t for an interpolation).
+
+    The grid is `image_grid`'s; Matplotlib puts the labels beside it. The suffix of `out` names
+    the format (`FIGURE_FORMATS`). Returns the path written.
+    """
+    images = np.asarray(images, np.float32)
+    if images.ndim != 4:
+        raise ValueError(f"labelled_grid needs [rows, cols, height, width], got {images.shape}")
+    rows, cols, height, width = images.shape
+    if len(row_labels) != rows or len(col_labels) != cols:
+        raise ValueError(
+            f"{rows} x {cols} images need {rows} row labels and {cols} column labels, got "
+            f"{len(row_labels)} and {len(col_labels)}"
+        )
+    figure_format = _format(out, FIGURE_FORMATS)
+    grid = image_grid(images.reshape(rows * cols, height, width), rows=rows, cols=cols, pad=pad)
+    cell = 0.5  # inches per image
+    fig = _figure(figsize=(1.2 + cols * cell, 0.6 + rows * cell + (0.3 if title else 0)), dpi=100)
+    ax = fig.subplots()
+    ax.imshow(grid, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+    ax.set_xticks([c * (width + pad) + (width - 1) / 2 for c in range(cols)])
+    ax.set_xticklabels([str(label) for label in col_labels], fontsize="x-small", rotation=45)
+    ax.set_yticks([r * (height + pad) + (height - 1) / 2 for r in range(rows)])
+    ax.set_yticklabels([str(label) for label in row_labels], fontsize="x-small")
+    ax.tick_params(length=0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    if title:
+        ax.set_title(title, fontsize="small")
+    fig.tight_layout()
+    out = Path(out)
+    atomic_write(out, lambda f: fig.savefig(f, format=figure_format))
+    return str(out)
+
+
+def embedding_plot(z, out, labels=None, title=None):
+    """A scatter plot of the first two latent coordinates, coloured by `labels` if given."""
+    z = np.asarray(z, np.float32)
+    if z.ndim != 2 or z.shape[1] < 2:
+        raise ValueError(f"embedding_plot needs [n, >= 2] embeddings, got {list(z.shape)}")
+    figure_format = _format(out, FIGURE_FORMATS)
+    fig = _figure(figsize=(5.0, 4.4), dpi=100)
+    ax = fig.subplots()
+    if labels is None:
+        ax.scatter(z[:, 0], z[:, 1], s=2, alpha=0.5)
+    else:
+        labels = np.asarray(labels)
+        for value in np.unique(labels):
+            keep = labels == value
+            ax.scatter(z[keep, 0], z[keep, 1], s=2, alpha=0.6, label=str(value))
+        ax.legend(markerscale=4, fontsize="x-small", ncol=2)
+    ax.set_xlabel("$z_1$ (posterior mean)")
+    ax.set_ylabel("$z_2$ (posterior mean)")
+    if title:
+        ax.set_title(title, fontsize="small")
+    fig.tight_layout()
+    out = Path(out)
+    atomic_write(out, lambda f: fig.savefig(f, format=figure_format))
+    return str(out)
 
 
 # ------------------------------------------------------------------------------ Fig. 2

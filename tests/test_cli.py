@@ -914,3 +914,48 @@ def test_the_backend_check_runs_at_import():
     )
     assert process.returncode == 0, process.stderr
     assert "using 'jax'" in process.stdout and "KERAS_BACKEND=tensorflow" in process.stdout
+
+
+# ------------------------------------------------------------------------------ latent tools
+
+
+def test_interpolate_and_traverse_write_labelled_grids(tmp_path, trained_run, capsys):
+    model_path = str(trained_run / "model.keras")
+    out = tmp_path / "path.png"
+    argv = ["interpolate", model_path, "--pairs", "0:1", "2:3", "--steps", "6", "--out", str(out)]
+    assert main(argv) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    picture = matplotlib.image.imread(out)
+    assert picture.shape[0] > 60 and picture.shape[1] > 6 * 28  # two rows of six digits + labels
+    out = tmp_path / "traverse.png"
+    argv = ["traverse", model_path, "--index", "4", "--values=-2,0,2", "--out", str(out)]
+    assert main(argv) == 0
+    assert out.stat().st_size > 1000
+    capsys.readouterr()
+    assert main(["traverse", model_path, "--dims", "5", "--out", str(out)]) == 2
+    assert "--dims [5] outside the model's latent dimensions 0..1" in capsys.readouterr().err
+    assert main(["interpolate", model_path, "--pairs", "0:1000", "--out", str(out)]) == 2
+    assert "the test split has 100 examples" in capsys.readouterr().err
+
+
+def test_embed_writes_the_posterior_means(tmp_path, trained_run, capsys):
+    model_path = str(trained_run / "model.keras")
+    out, plot = tmp_path / "z.npy", tmp_path / "z.png"
+    assert main(["embed", model_path, "--out", str(out), "--plot", str(plot)]) == 0
+    z = np.load(out)
+    model = keras.saving.load_model(model_path, compile=False)
+    config = json.loads((trained_run / "config.json").read_text())
+    x, _ = training.load_eval_split("mnist", config["data_dir"], "test", "dynamic", seed=0)
+    assert z.shape == (100, 2)
+    # The posterior means of the run's fixed test draw, as model.embed computes them.
+    np.testing.assert_allclose(z, model.embed(x), rtol=1e-6)
+    assert plot.stat().st_size > 1000
+    csv_out = tmp_path / "z.csv"
+    assert main(["embed", model_path, "--out", str(csv_out), "--max-examples", "7"]) == 0
+    table = np.loadtxt(csv_out, delimiter=",", skiprows=1)
+    # The CSV holds the same numbers as the .npy, to its printed precision (numpy's %.18e).
+    np.testing.assert_allclose(table, z[:7], rtol=1e-6)
+    assert csv_out.read_text().splitlines()[0] == "z_0,z_1"
+    capsys.readouterr()
+    assert main(["embed", model_path, "--out", str(tmp_path / "z.txt")]) == 2
+    assert "use a .npy or .csv file" in capsys.readouterr().err
