@@ -1162,7 +1162,8 @@ def build_parser():
         "--values",
         type=_float_list,
         default=[-3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0],
-        help="values of the dimension, e.g. --values=-3,-1.5,0,1.5,3 (with '=': a list that starts with a minus sign; default -3..3 in steps of 1)",
+        help="values of the dimension, e.g. --values=-3,-1.5,0,1.5,3 (write '=' before a "
+        "list that starts with a minus sign; default -3..3 in steps of 1)",
     )
     p.add_argument("--out", required=True, help="the picture (.png, .pdf, .svg, ...)")
     p.set_defaults(func=cmd_traverse, check=check_reconstruct_like)
