@@ -1,4 +1,4 @@
-"""SavedModel export for TF Serving: five signatures, no Python or keras_aevb needed to serve.
+"""SavedModel export for TF Serving: six signatures, no Python or keras_aevb needed to serve.
 
 The export is a plain `tf.Module` whose `tf.function`s have explicit input signatures; it holds
 only the variables those functions read (no optimizer state, no seed-generator state), and every
@@ -21,6 +21,7 @@ Signatures (a contract: names of inputs and outputs included):
 
     serving_default  x [None, *event_shape] float32 -> reconstruction, z_mean
     encode           x                              -> the posterior's parameters by name
+    embed            x                              -> embedding [None, latent_dim]
     decode           z [None, latent_dim] float32   -> x_mean (+ x_log_var, Gaussian decoder)
     sample           num_samples int32 [], seed int32 [2] -> x_mean, z   (stateless)
     score            x                              -> elbo [None]   (fixed L and seed)
@@ -31,7 +32,8 @@ Resource caps (a request must not size the server's memory): `sample` refuses nu
 the request's own tensors does not grow with the batch.
 
 `reconstruction` is the decoder mean at the posterior mean (`AEVB.reconstruct`); `z_mean` is the
-posterior mean E_q[z] (for the normal family the `z_mean` parameter itself).
+posterior mean E_q[z] (for the normal family the `z_mean` parameter itself). `embed` returns the
+same posterior mean alone (`AEVB.embed`): a deterministic vector per example for a vector index.
 
 `score` is the SGVB estimate of the lower bound (paper eq. 6/7) per example, with L and the
 stateless seed fixed at export, so the same x always gets the same score. Its noise
@@ -72,7 +74,7 @@ from keras_aevb.families import get_family
 DEFAULT_SCORE_NUM_SAMPLES = 10
 DEFAULT_SCORE_SEED = 0
 
-SIGNATURE_NAMES = ("serving_default", "encode", "decode", "sample", "score")
+SIGNATURE_NAMES = ("serving_default", "encode", "embed", "decode", "sample", "score")
 
 # The most samples one `sample` request may ask for: 10,000 MNIST samples are 31 MB of float32
 # x_mean; num_samples = 1e9 would need 3 TB and ended in RESOURCE_EXHAUSTED after 10 s.
@@ -114,6 +116,7 @@ class AEVBServingModule(tf.Module):
             self._serving_default, input_signature=[x_spec], autograph=False
         )
         self.encode = tf.function(self._encode, input_signature=[x_spec], autograph=False)
+        self.embed = tf.function(self._embed, input_signature=[x_spec], autograph=False)
         self.decode = tf.function(self._decode, input_signature=[z_spec], autograph=False)
         # num_samples stays a dynamic graph input: sample_prior takes it as a tensor.
         self.sample = tf.function(
@@ -135,7 +138,7 @@ class AEVBServingModule(tf.Module):
         )
 
     def concrete_functions(self):
-        """The five signatures as concrete functions, keyed by signature name."""
+        """The signatures as concrete functions, keyed by signature name."""
         return {name: getattr(self, name).get_concrete_function() for name in SIGNATURE_NAMES}
 
     # ------------------------------------------------------------------ the signatures
@@ -150,6 +153,10 @@ class AEVBServingModule(tf.Module):
 
     def _encode(self, x):
         return _float32(dict(self._model.encoder(self._checked_x(x), training=False)))
+
+    def _embed(self, x):
+        params = self._model.encoder(self._checked_x(x), training=False)
+        return _float32({"embedding": self._model.posterior_layer.mean(params)})
 
     def _decode(self, z):
         z = tf.ensure_shape(z, [None, self._model.latent_dim])

@@ -114,6 +114,7 @@ def test_layout_and_signature_contract(bernoulli, gaussian):
         expected = {
             "serving_default": (x, {"reconstruction": (None, *event), "z_mean": latent}),
             "encode": (x, {"z_mean": latent, "z_log_var": latent}),
+            "embed": (x, {"embedding": latent}),
             "decode": (
                 {"z": (tf.float32, latent)},
                 {"x_mean": (None, *event)}
@@ -174,6 +175,7 @@ def test_deterministic_signatures_match_the_keras_model(export):
     params = model.encode(x)
     posterior_mean = model.posterior_layer.mean(params)
     np.testing.assert_allclose(served["z_mean"], posterior_mean, atol=1e-5)
+    np.testing.assert_allclose(export("embed", x=x)["embedding"], model.embed(x), atol=1e-5)
     encoded = export("encode", x=x)
     assert sorted(encoded) == sorted(model.posterior_layer.param_names)
     for name, value in params.items():
@@ -874,3 +876,33 @@ def test_cli_export_takes_the_base_directory_like_python(tmp_path, capsys):
     assert main(["export", "--help"]) == 0
     help_text = capsys.readouterr().out
     assert "base directory" in help_text and "--force" in help_text
+
+
+# ---------------------------------------------------------------------------- anomaly scores
+
+
+def test_score_flags_noise_and_accepts_digits(tmp_path):
+    """saved_models/README.md's recipe: threshold = the 1 % quantile of training scores."""
+    from keras_aevb import data as data_lib
+
+    directory = data_lib.default_data_dir("mnist")
+    if directory is None or "mnist_nz20" not in keras_aevb.pretrained():
+        pytest.skip("needs ../shared/data/mnist and the shipped mnist_nz20 model")
+    model = keras_aevb.pretrained("mnist_nz20")
+    loaded = tf.saved_model.load(export_saved_model(model, tmp_path / "mnist_vae"))
+    score = loaded.signatures["score"]
+    rng = np.random.default_rng(0)
+    train, _ = data_lib.load_mnist(directory, "train")
+    test, _ = data_lib.load_mnist(directory, "test")
+    train_x = (rng.random((2000, 28, 28)) < train[:2000]).astype(np.float32)
+    test_x = (rng.random((2000, 28, 28)) < test[:2000]).astype(np.float32)
+    noise_x = (rng.random((200, 28, 28)) < 0.2).astype(np.float32)  # as dark as digits on average
+    train_scores = score(x=tf.constant(train_x))["elbo"].numpy()
+    threshold = np.quantile(train_scores, 0.01)
+    test_flagged = np.mean(score(x=tf.constant(test_x))["elbo"].numpy() < threshold)
+    noise_scores = score(x=tf.constant(noise_x))["elbo"].numpy()
+    # Held-out digits: flagged at about the 1 % the quantile promises (binomial noise on 2000
+    # draws and a small train-test gap: below 3 %).
+    assert test_flagged < 0.03, test_flagged
+    # Every noise image scores below the threshold, by hundreds of nats.
+    assert np.all(noise_scores < threshold - 100), (noise_scores.max(), threshold)
