@@ -416,7 +416,7 @@ def _plot_fig2(specs, out_dir, dataset):
 
     latent_dims = sorted({s.latent_dim for s in specs})
     fig = _figure(figsize=(3.2 * len(latent_dims), 3.4), dpi=100)
-    axes = fig.subplots(1, len(latent_dims), squeeze=False)[0]
+    axes = fig.subplots(1, len(latent_dims), squeeze=False, sharex=True)[0]
     for ax, nz in zip(axes, latent_dims, strict=True):
         for spec in (s for s in specs if s.latent_dim == nz):
             path = out_dir / f"{spec.name}.csv"
