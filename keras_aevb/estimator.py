@@ -86,3 +86,27 @@ def sgvb_terms(log_px_given_z, posterior, prior, z, estimator):
         "reconstruction_log_likelihood": reconstruction,
         "kl": kl,
     }
+
+
+def analytic_kl_per_dimension(posterior, prior):
+    """KL(q(z_j|x) || p(z_j)) per latent dimension in closed form, `[batch, latent_dim]`.
+
+    For posteriors and priors that are products of scalar distributions (`tfd.Independent` or
+    `tfd.Sample` over one): the summands of the bound's KL (App. B's sum over j).
+
+    Raises:
+        ValueError: either is not such a product, or TFP has no closed form for the pair.
+    """
+    q = getattr(posterior, "distribution", None)
+    p = getattr(prior, "distribution", None)
+    if q is None or p is None or q.event_shape.rank != 0 or p.event_shape.rank != 0:
+        raise ValueError(
+            "a per-dimension KL needs a posterior and a prior that are products of scalar "
+            f"distributions; got {type(posterior).__name__} and {type(prior).__name__}"
+        )
+    try:
+        return tfd.kl_divergence(q, p)
+    except NotImplementedError:
+        raise ValueError(
+            f"TFP has no closed-form KL between {type(q).__name__} and {type(p).__name__}"
+        ) from None

@@ -10,9 +10,15 @@ from keras import ops
 
 from keras_aevb import execution, inputs
 from keras_aevb.data import DataError
-from keras_aevb.estimator import ESTIMATOR_NAMES, resolve_estimator, sgvb_terms
+from keras_aevb.estimator import (
+    ESTIMATOR_NAMES,
+    analytic_kl_per_dimension,
+    resolve_estimator,
+    sgvb_terms,
+)
 from keras_aevb.posterior import ReparameterizedPosterior, SavesGeneratorStates, stateless_seed
 from keras_aevb.prior import check_support, make_prior, sample_prior
+from keras_aevb.schedules import KLSchedule
 
 METRIC_NAMES = ("loss", "elbo", "reconstruction_log_likelihood", "kl")
 
@@ -58,6 +64,19 @@ class AEVB(SavesGeneratorStates, keras.Model):
         num_samples: L, samples of z per datapoint in training and evaluation.
         weight_decay: 1/N times the precision of the Gaussian weight prior (see above).
         seed: seed of the posterior's and the prior sampler's random generators.
+        kl_weight: beta, the weight of the KL term in the training objective
+            E_q[log p(x|z)] - beta KL: a number (1, the paper's bound, by default; held in the
+            variable `model.kl_weight`, which a callback may assign without retracing) or a
+            `keras_aevb.schedules.KLSchedule` of the step (KL warm-up, cyclical annealing),
+            evaluated at every step.
+        free_bits: lambda >= 0, nats per latent dimension (Kingma et al., 2016, "free bits"):
+            the objective's KL is sum_j max(lambda, mean_batch KL_j), so a dimension whose KL
+            is below lambda gets no gradient pushing it to the prior. Needs the analytic KL
+            (estimator B).
+
+    `kl_weight` and `free_bits` change the objective only: the `elbo`,
+    `reconstruction_log_likelihood` and `kl` metrics stay the true bound and its terms, and
+    `loss` is the negative objective (with the defaults, -elbo).
 
     Example:
     >>> model = AEVB(MLPEncoder(2, (16,)), BernoulliDecoder((28, 28), (16,)), seed=0)
@@ -79,6 +98,8 @@ class AEVB(SavesGeneratorStates, keras.Model):
         num_samples=1,
         weight_decay=0.0,
         seed=None,
+        kl_weight=1.0,
+        free_bits=0.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -124,6 +145,46 @@ class AEVB(SavesGeneratorStates, keras.Model):
             pair_name=f"posterior={posterior!r} and prior={_prior_name(prior)!r}",
         )
         self.trackers = {name: keras.metrics.Mean(name=name) for name in METRIC_NAMES}
+        self._set_objective(kl_weight, free_bits)
+
+    def _set_objective(self, kl_weight, free_bits):
+        if isinstance(kl_weight, dict):
+            kl_weight = keras.saving.deserialize_keras_object(kl_weight)
+        self.kl_schedule = kl_weight if isinstance(kl_weight, KLSchedule) else None
+        initial = float(kl_weight(0)) if self.kl_schedule is not None else float(kl_weight)
+        if not initial >= 0 or not np.isfinite(initial):
+            raise ValueError(f"kl_weight must be a finite number >= 0, got {kl_weight!r}.")
+        self.free_bits = float(free_bits)
+        if not self.free_bits >= 0 or not np.isfinite(self.free_bits):
+            raise ValueError(f"free_bits must be a finite number >= 0, got {free_bits!r}.")
+        if self.free_bits and self.estimator != "analytic_kl":
+            raise ValueError(
+                "free_bits needs the KL per latent dimension in closed form (estimator B), but "
+                f"this model uses estimator={self.estimator!r}; pass estimator='analytic_kl' "
+                "with a posterior/prior pair that has one (e.g. normal and standard_normal)."
+            )
+        # Held outside Keras's variable tracking: beta is a setting, not a weight, so it is
+        # neither in get_weights()/count_params() nor in .keras files (older files load).
+        self._kl_weight_holder = _Untracked(
+            keras.Variable(
+                initial,
+                trainable=False,
+                dtype="float32",
+                name="kl_weight",
+                aggregation="only_first_replica",
+            )
+        )
+        self._kl_weight_config = (
+            keras.saving.serialize_keras_object(self.kl_schedule)
+            if self.kl_schedule is not None
+            else initial
+        )
+
+    @property
+    def kl_weight(self):
+        """beta, the KL term's weight in the objective (a `keras.Variable`; assign to change
+        it between steps; with a schedule, the value of the last step)."""
+        return self._kl_weight_holder.value
 
     # ---------------------------------------------------------------- building and calling
 
@@ -198,7 +259,33 @@ class AEVB(SavesGeneratorStates, keras.Model):
         z = self.posterior_layer.sample(params, num_samples, seed=seed, eps=eps)
         outputs = self.decoder(z, training=training)
         log_px_given_z = self.decoder.log_likelihood(x, outputs)
-        return sgvb_terms(log_px_given_z, posterior, self.prior_distribution, z, self.estimator)
+        terms = sgvb_terms(log_px_given_z, posterior, self.prior_distribution, z, self.estimator)
+        if self.free_bits:
+            terms["kl_per_dimension"] = analytic_kl_per_dimension(
+                posterior, self.prior_distribution
+            )
+        return terms
+
+    def _objective_terms(self, terms, sample_weight, step=None):
+        """Per-example objective E_q[log p(x|z)] - beta KL (free bits: the floored KL).
+
+        `step`: the optimizer's step count, where a schedule gives beta (training); otherwise
+        beta is the `kl_weight` variable's value. With beta = 1 and no free bits every value
+        equals the `elbo` exactly (1.0 * kl is kl in floating point).
+        """
+        if self.kl_schedule is not None and step is not None:
+            beta = ops.cast(self.kl_schedule(step), self.compute_dtype)
+            self.kl_weight.assign(beta)
+        else:
+            beta = ops.cast(self.kl_weight, self.compute_dtype)
+        kl = terms["kl"]
+        if self.free_bits:
+            # Kingma et al. (2016): the floor applies to each dimension's KL averaged over the
+            # minibatch; every example then carries that same floored total.
+            per_dimension = _weighted_mean_over_batch(terms["kl_per_dimension"], sample_weight)
+            floored = ops.sum(ops.maximum(per_dimension, self.free_bits))
+            kl = ops.zeros_like(kl) + floored
+        return terms["reconstruction_log_likelihood"] - beta * kl
 
     def _weight_penalty(self):
         """weight_decay / 2 * ||theta||^2, the paper's log p(theta) per datapoint (negated)."""
@@ -218,7 +305,10 @@ class AEVB(SavesGeneratorStates, keras.Model):
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
         with tf.GradientTape() as tape:
             terms = self._terms(x, training=True, eps=eps)
-            objective = -_weighted_mean(terms["elbo"], sample_weight) / replicas
+            terms["objective"] = self._objective_terms(
+                terms, sample_weight, self.optimizer.iterations
+            )
+            objective = -_weighted_mean(terms["objective"], sample_weight) / replicas
             scaled = self.optimizer.scale_loss(objective)
         variables = self.trainable_variables
         gradients = tape.gradient(scaled, variables)
@@ -241,6 +331,7 @@ class AEVB(SavesGeneratorStates, keras.Model):
         x, sample_weight = _unpack(data)
         x = self._check_step_data(x)
         terms = self._terms(x, training=False)
+        terms["objective"] = self._objective_terms(terms, sample_weight)
         return _reducible_logs(self._update_metrics(terms, sample_weight))
 
     def predict_step(self, data):
@@ -276,7 +367,7 @@ class AEVB(SavesGeneratorStates, keras.Model):
             return tf.identity(x)
 
     def _update_metrics(self, terms, sample_weight):
-        values = dict(terms, loss=-terms["elbo"])
+        values = dict(terms, loss=-terms.get("objective", terms["elbo"]))
         for name, tracker in self.trackers.items():
             tracker.update_state(values[name], sample_weight=sample_weight)
         return self._metric_logs()
@@ -760,6 +851,8 @@ class AEVB(SavesGeneratorStates, keras.Model):
             num_samples=self.num_samples,
             weight_decay=self.weight_decay,
             seed=self.seed,
+            kl_weight=self._kl_weight_config,
+            free_bits=self.free_bits,
         )
         return config
 
@@ -769,6 +862,13 @@ class AEVB(SavesGeneratorStates, keras.Model):
         config["encoder"] = keras.saving.deserialize_keras_object(config["encoder"])
         config["decoder"] = keras.saving.deserialize_keras_object(config["decoder"])
         return cls(**config)
+
+
+class _Untracked:
+    """Holds a value where Keras's attribute tracking does not look (a plain object)."""
+
+    def __init__(self, value):
+        self.value = value
 
 
 def _reference_params(param_names, latent_dim):
@@ -808,6 +908,15 @@ def _weighted_mean(values, sample_weight):
         return ops.mean(values)
     sample_weight = ops.cast(ops.reshape(sample_weight, ops.shape(values)), values.dtype)
     return ops.sum(values * sample_weight) / ops.maximum(ops.sum(sample_weight), 1e-12)
+
+
+def _weighted_mean_over_batch(values, sample_weight):
+    """The (weighted) mean over the batch axis of `[batch, ...]` values: `[...]`."""
+    if sample_weight is None:
+        return ops.mean(values, axis=0)
+    shape = (-1,) + (1,) * (len(values.shape) - 1)
+    weight = ops.cast(ops.reshape(sample_weight, shape), values.dtype)
+    return ops.sum(values * weight, axis=0) / ops.maximum(ops.sum(weight), 1e-12)
 
 
 def _is_default_strategy(strategy):

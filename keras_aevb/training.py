@@ -142,6 +142,11 @@ class TrainConfig:
         binarization: one of `keras_aevb.data.BINARIZATIONS`; None: the data set's default
             (dynamic for MNIST, none for Frey Face).
         seed: seeds the initialization, the data order, the binarization and the noise.
+        beta: the KL term's weight in the objective (1: the paper's bound).
+        kl_warmup: steps of linear KL warm-up from 0 to `beta` (None: none;
+            `keras_aevb.schedules.LinearWarmup`).
+        free_bits: nats per latent dimension below which the KL is not pushed down (Kingma et
+            al., 2016); 0: none.
         method: "aevb", or the baselines "wake_sleep" and "mcem" (`keras_aevb.baselines`).
         strategy: "default", "mirrored" or "multi_worker" (`tf.distribute`).
         verbose: Keras's fit verbosity (0 silent, 1 progress bar, 2 one line per epoch).
@@ -171,6 +176,9 @@ class TrainConfig:
     weight_decay: float | None = None
     binarization: str | None = None
     seed: int = 0
+    beta: float = 1.0
+    kl_warmup: int | None = None
+    free_bits: float = 0.0
     method: str = "aevb"
     strategy: str = "default"
     verbose: int = 1
@@ -374,6 +382,16 @@ def _check_settings(config: TrainConfig):
     if config.hidden_units is not None:
         for units in config.hidden_units:
             positive("hidden_units", units)
+    positive("kl_warmup", config.kl_warmup, allow_none=True)
+    for name in ("beta", "free_bits"):
+        value = getattr(config, name)
+        if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    if config.method != "aevb" and (config.beta != 1.0 or config.kl_warmup or config.free_bits):
+        raise ValueError(
+            f"--beta, --kl-warmup and --free-bits change AEVB's objective; --method "
+            f"{config.method} trains by its own rule: drop them"
+        )
     if config.weight_decay is not None and not config.weight_decay >= 0:
         raise ValueError(f"weight_decay must be >= 0, got {config.weight_decay!r}")
     if config.learning_rate != "auto":
@@ -521,6 +539,9 @@ def build_model(
     seed=None,
     method="aevb",
     num_examples=None,
+    beta=1.0,
+    kl_warmup=None,
+    free_bits=0.0,
 ):
     """The paper's architecture (App. C) for the CLI's settings, built and not compiled.
 
@@ -531,6 +552,8 @@ def build_model(
     Args:
         method: "aevb", or "wake_sleep" / "mcem" (`keras_aevb.baselines`, imported here).
         num_examples: N, for "mcem" (one HMC chain per training example).
+        beta, kl_warmup, free_bits: the objective's KL weight, warm-up and floor (AEVB only;
+            see `TrainConfig`).
 
     Raises:
         ValueError: a posterior/prior/estimator combination the model refuses, or a baseline
@@ -548,6 +571,8 @@ def build_model(
         event_shape=event_shape,
     )
     if method == "aevb":
+        from keras_aevb.schedules import LinearWarmup
+
         model = AEVB(
             encoder,
             decoder,
@@ -557,7 +582,14 @@ def build_model(
             num_samples=num_samples,
             weight_decay=weight_decay,
             seed=seed,
+            kl_weight=LinearWarmup(kl_warmup, end=beta) if kl_warmup else beta,
+            free_bits=free_bits,
             name=f"aevb_{dataset}",
+        )
+    elif beta != 1.0 or kl_warmup or free_bits:
+        raise ValueError(
+            f"--beta, --kl-warmup and --free-bits change AEVB's objective; --method {method} "
+            "trains by its own rule: drop them"
         )
     else:
         model_class = _baseline_class(method)
@@ -1145,15 +1177,18 @@ def _is_whole_hdf5(path):
 
 
 def _check_same_run(previous, requested, run_dir):
+    before = previous.get("requested", {})
+    # A setting added after the run was written had its default value then.
+    defaults = _jsonable(TrainConfig())
     differing = sorted(
         key
-        for key in set(previous.get("requested", {})) | set(requested)
+        for key in set(before) | set(requested)
         if key not in _RESUMABLE_CHANGES
-        and previous.get("requested", {}).get(key) != requested.get(key)
+        and before.get(key, defaults.get(key)) != requested.get(key)
     )
     if differing:
         details = "; ".join(
-            f"{k}: {previous.get('requested', {}).get(k)!r} there, {requested.get(k)!r} now"
+            f"{k}: {before.get(k, defaults.get(k))!r} there, {requested.get(k)!r} now"
             for k in differing
         )
         raise ValueError(
@@ -1291,6 +1326,9 @@ def _train(config: TrainConfig, print_fn, lock) -> TrainResult:
             seed=config.seed,
             method=config.method,
             num_examples=num_train if array_input else None,
+            beta=config.beta,
+            kl_warmup=config.kl_warmup,
+            free_bits=config.free_bits,
         )
 
     keras.utils.set_random_seed(config.seed)
