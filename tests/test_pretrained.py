@@ -35,7 +35,7 @@ def test_a_pretrained_model_scores_its_recorded_test_bound(name):
     if data_lib.default_data_dir(info["dataset"]) is None:
         pytest.skip(f"needs ../shared/data/{info['dataset']}")
     model = keras_aevb.pretrained(name)
-    assert model.optimizer is None
+    assert getattr(model, "optimizer", None) is None
     assert model.latent_dim == info["latent_dim"]
     recorded = info["test_bound"]["value"]
     # The same draws (the recorded seed): the recorded value, to float32 summation order.

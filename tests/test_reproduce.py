@@ -198,7 +198,7 @@ def test_a_pretrained_model_records_the_bound_it_loads_with(tmp_path, monkeypatc
     import keras
 
     model = keras.saving.load_model(tmp_path / "pretrained" / "frey_face_nz2.keras", compile=False)
-    assert model.optimizer is None  # weights only
+    assert getattr(model, "optimizer", None) is None  # weights only
     assert all(w.dtype == "float32" for w in model.weights if w.trainable)
     again = pretrained_models.pretrained_test_bound(model, info)
     # The same draws from the same seed: the recorded value, to float32 summation order.
