@@ -436,7 +436,9 @@ def _plot_fig2(specs, out_dir, dataset):
         ax.set_xlabel("# training samples evaluated")
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel("lower bound L per datapoint (nats)")
-    axes[0].legend(fontsize="small")
+    drawn = [ax for ax in axes if ax.lines]
+    if drawn:
+        drawn[0].legend(fontsize="small")
     fig.tight_layout()
     path = out_dir / f"{dataset}.png"
     atomic_write(path, lambda f: fig.savefig(f, format="png"))
