@@ -18,6 +18,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
+from keras_aevb.estimator import scalar_factors
+
 GRADIENT_METHODS = ("reparameterization", "score_function")
 
 
@@ -165,20 +167,6 @@ def active_units(model, x, threshold=ACTIVE_UNIT_THRESHOLD, batch_size=1000):
     return ActiveUnits(int(mask.sum()), mask, variance, float(threshold))
 
 
-def _factors(model, params):
-    """q(z|x) and p(z) as distributions over single latent dimensions (batch `[..., d]`)."""
-    posterior = model.posterior_layer.distribution(params)
-    prior = model.prior_distribution
-    q = getattr(posterior, "distribution", None)
-    p = getattr(prior, "distribution", None)
-    if q is None or p is None or q.event_shape.rank != 0 or p.event_shape.rank != 0:
-        raise ValueError(
-            "a per-dimension KL needs a posterior and a prior that are products of scalar "
-            f"distributions; got {type(posterior).__name__} and {type(prior).__name__}"
-        )
-    return q, p
-
-
 def kl_per_dimension(model, x, num_samples=100, seed=0, batch_size=1000):
     """KL(q(z_j|x) || p(z_j)) for each latent dimension j, averaged over the inputs, in nats.
 
@@ -192,7 +180,7 @@ def kl_per_dimension(model, x, num_samples=100, seed=0, batch_size=1000):
     totals, n = None, 0
     for i, batch in enumerate(_batches(model, x, batch_size)):
         params = model.encoder(batch, training=False)
-        q, p = _factors(model, params)
+        q, p = scalar_factors(model.posterior_layer.distribution(params), model.prior_distribution)
         try:
             kl = tfp.distributions.kl_divergence(q, p)
         except NotImplementedError:

@@ -88,6 +88,23 @@ def sgvb_terms(log_px_given_z, posterior, prior, z, estimator):
     }
 
 
+def scalar_factors(posterior, prior):
+    """q(z|x) and p(z) as distributions of one latent dimension each (batch `[..., d]`).
+
+    Raises:
+        ValueError: either is not a product of scalar distributions (`tfd.Independent` or
+            `tfd.Sample` over one).
+    """
+    q = getattr(posterior, "distribution", None)
+    p = getattr(prior, "distribution", None)
+    if q is None or p is None or q.event_shape.rank != 0 or p.event_shape.rank != 0:
+        raise ValueError(
+            "a per-dimension KL needs a posterior and a prior that are products of scalar "
+            f"distributions; got {type(posterior).__name__} and {type(prior).__name__}"
+        )
+    return q, p
+
+
 def analytic_kl_per_dimension(posterior, prior):
     """KL(q(z_j|x) || p(z_j)) per latent dimension in closed form, `[batch, latent_dim]`.
 
@@ -97,13 +114,7 @@ def analytic_kl_per_dimension(posterior, prior):
     Raises:
         ValueError: either is not such a product, or TFP has no closed form for the pair.
     """
-    q = getattr(posterior, "distribution", None)
-    p = getattr(prior, "distribution", None)
-    if q is None or p is None or q.event_shape.rank != 0 or p.event_shape.rank != 0:
-        raise ValueError(
-            "a per-dimension KL needs a posterior and a prior that are products of scalar "
-            f"distributions; got {type(posterior).__name__} and {type(prior).__name__}"
-        )
+    q, p = scalar_factors(posterior, prior)
     try:
         return tfd.kl_divergence(q, p)
     except NotImplementedError:

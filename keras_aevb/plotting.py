@@ -271,6 +271,11 @@ def labelled_grid(images, out, row_labels, col_labels, title=None, pad=2):
     ax.tick_params(length=0)
     for spine in ax.spines.values():
         spine.set_visible(False)
+    return _save_figure(fig, ax, out, figure_format, title)
+
+
+def _save_figure(fig, ax, out, figure_format, title=None):
+    """Titles, lays out and writes a figure atomically; returns the path."""
     if title:
         ax.set_title(title, fontsize="small")
     fig.tight_layout()
@@ -297,12 +302,7 @@ def embedding_plot(z, out, labels=None, title=None):
         ax.legend(markerscale=4, fontsize="x-small", ncol=2)
     ax.set_xlabel("$z_1$ (posterior mean)")
     ax.set_ylabel("$z_2$ (posterior mean)")
-    if title:
-        ax.set_title(title, fontsize="small")
-    fig.tight_layout()
-    out = Path(out)
-    atomic_write(out, lambda f: fig.savefig(f, format=figure_format))
-    return str(out)
+    return _save_figure(fig, ax, out, figure_format, title)
 
 
 # ------------------------------------------------------------------------------ Fig. 2

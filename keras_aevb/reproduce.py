@@ -361,6 +361,12 @@ def _read_rows(path):
         return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
+def _figure_rows(out_dir, spec):
+    """The rows of a run's CSV under the figure's directory; [] if it has none yet."""
+    path = out_dir / f"{spec.name}.csv"
+    return _read_rows(path) if path.is_file() else []
+
+
 def _write_csv(path, columns, rows):
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")
@@ -389,8 +395,7 @@ def _write_fig2_summary(specs, out_dir, dataset):
     columns += [f"test_elbo_at_{m:.0e}".replace("+0", "") for m in MILESTONES]
     rows = []
     for spec in specs:
-        path = out_dir / f"{spec.name}.csv"
-        history = _read_rows(path) if path.is_file() else []
+        history = _figure_rows(out_dir, spec)
         if not history:
             continue
         last = history[-1]
@@ -419,8 +424,7 @@ def _plot_fig2(specs, out_dir, dataset):
     axes = fig.subplots(1, len(latent_dims), squeeze=False, sharex=True)[0]
     for ax, nz in zip(axes, latent_dims, strict=True):
         for spec in (s for s in specs if s.latent_dim == nz):
-            path = out_dir / f"{spec.name}.csv"
-            rows = _read_rows(path) if path.is_file() else []
+            rows = _figure_rows(out_dir, spec)
             if not rows:
                 continue
             x = [r["examples_seen"] for r in rows]
@@ -524,8 +528,7 @@ def _plot_fig3(specs, out_dir):
         for j, split in enumerate(("train", "test")):
             ax = axes[2 * i + j]
             for spec in (s for s in specs if s.train_examples == n):
-                path = out_dir / f"{spec.name}.csv"
-                rows = _read_rows(path) if path.is_file() else []
+                rows = _figure_rows(out_dir, spec)
                 if not rows:
                     continue
                 x = [r["examples_seen"] for r in rows]
