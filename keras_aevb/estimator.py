@@ -16,12 +16,13 @@ from keras import ops
 
 tfd = tfp.distributions
 
-ESTIMATORS = ("analytic_kl", "monte_carlo")
+ESTIMATORS = ("analytic_kl", "monte_carlo", "iwae")
 
 # Names used in configs and messages for the paper's two estimators.
 ESTIMATOR_NAMES = {
     "monte_carlo": "SGVB estimator A (eq. 6)",
     "analytic_kl": "SGVB estimator B (eq. 7)",
+    "iwae": "importance-weighted bound L_k (Burda et al., 2016)",
 }
 
 
@@ -45,7 +46,8 @@ def resolve_estimator(estimator, posterior, prior, pair_name):
     if estimator not in ESTIMATORS:
         raise ValueError(
             f"Unknown estimator {estimator!r}; use 'analytic_kl' (estimator B, eq. 7), "
-            "'monte_carlo' (estimator A, eq. 6) or 'auto'."
+            "'monte_carlo' (estimator A, eq. 6), 'iwae' (the importance-weighted bound) or "
+            "'auto'."
         )
     if estimator == "analytic_kl" and not has_analytic_kl(posterior, prior):
         raise ValueError(
@@ -121,3 +123,35 @@ def analytic_kl_per_dimension(posterior, prior):
         raise ValueError(
             f"TFP has no closed-form KL between {type(q).__name__} and {type(p).__name__}"
         ) from None
+
+
+def iwae_terms(log_px_given_z, posterior, prior, z, params_stopped=None):
+    """The importance-weighted bound of Burda et al. (2016) and, optionally, DReG's surrogate.
+
+        log w_l = log p(x|z_l) + log p(z_l) - log q(z_l|x),     l = 1..k (k = L)
+        L_k     = log 1/k sum_l w_l  =  logsumexp_l log w_l - log k
+
+    L_1 is estimator A; L_k <= L_{k+1} <= log p(x) in expectation, with equality for every k
+    when q is the exact posterior.
+
+    Args:
+        log_px_given_z: `[k, batch]`.
+        posterior: q(z|x); prior: p(z); z: `[k, batch, latent_dim]`.
+        params_stopped: q(z|x) built from stop-gradient parameters: then also returns the
+            doubly-reparameterized surrogate of Tucker et al. (2018),
+            sum_l stop_gradient(w~_l^2) log w_l with log q evaluated at the stopped parameters,
+            whose gradient in the encoder's weights is DReG's estimator of grad_phi L_k
+            (w~ = the normalized weights).
+
+    Returns:
+        dict of `[batch]` tensors: `iwae_bound` (and `dreg_surrogate`).
+    """
+    log_joint = log_px_given_z + prior.log_prob(z)
+    log_w = log_joint - posterior.log_prob(z)
+    k = ops.cast(ops.shape(log_w)[0], log_w.dtype)
+    out = {"iwae_bound": ops.logsumexp(log_w, axis=0) - ops.log(k)}
+    if params_stopped is not None:
+        normalized = ops.stop_gradient(ops.softmax(log_w, axis=0))
+        log_w_path = log_joint - params_stopped.log_prob(z)
+        out["dreg_surrogate"] = ops.sum(ops.square(normalized) * log_w_path, axis=0)
+    return out

@@ -13,6 +13,8 @@ from keras_aevb.data import DataError
 from keras_aevb.estimator import (
     ESTIMATOR_NAMES,
     analytic_kl_per_dimension,
+    has_analytic_kl,
+    iwae_terms,
     resolve_estimator,
     sgvb_terms,
 )
@@ -60,7 +62,10 @@ class AEVB(SavesGeneratorStates, keras.Model):
             `log_likelihood` and `output_shape` (`BernoulliDecoder`, `GaussianDecoder`).
         posterior: posterior family name; must match the encoder's.
         prior: p(z): a name in `keras_aevb.prior.PRIORS`, a `tfd.Distribution` or a callable.
-        estimator: "analytic_kl", "monte_carlo" or "auto".
+        estimator: "analytic_kl", "monte_carlo", "auto", or "iwae": train on the
+            importance-weighted bound L_k of Burda et al. (2016) with k = `num_samples` (k = 1 is
+            estimator A); its value is the `iwae_bound` metric, and `elbo` stays the ELBO
+            (analytic KL where TFP has it).
         num_samples: L, samples of z per datapoint in training and evaluation.
         weight_decay: 1/N times the precision of the Gaussian weight prior (see above).
         seed: seed of the posterior's and the prior sampler's random generators.
@@ -69,6 +74,9 @@ class AEVB(SavesGeneratorStates, keras.Model):
             variable `model.kl_weight`, which a callback may assign without retracing) or a
             `keras_aevb.schedules.KLSchedule` of the step (KL warm-up, cyclical annealing),
             evaluated at every step.
+        gradient: "reparameterization" (the pathwise gradient of the objective), or with
+            `estimator="iwae"` "dreg": the doubly-reparameterized encoder gradient of Tucker et
+            al. (2018), unbiased for the same L_k with less variance.
         free_bits: lambda >= 0, nats per latent dimension (Kingma et al., 2016, "free bits"):
             the objective's KL is sum_j max(lambda, mean_batch KL_j), so a dimension whose KL
             is below lambda gets no gradient pushing it to the prior. Needs the analytic KL
@@ -100,6 +108,7 @@ class AEVB(SavesGeneratorStates, keras.Model):
         seed=None,
         kl_weight=1.0,
         free_bits=0.0,
+        gradient="reparameterization",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -144,7 +153,21 @@ class AEVB(SavesGeneratorStates, keras.Model):
             self.prior_distribution,
             pair_name=f"posterior={posterior!r} and prior={_prior_name(prior)!r}",
         )
-        self.trackers = {name: keras.metrics.Mean(name=name) for name in METRIC_NAMES}
+        # The ELBO reported beside an IWAE objective: estimator B where TFP has the KL.
+        self._elbo_estimator = self.estimator
+        if self.estimator == "iwae":
+            analytic = has_analytic_kl(reference_posterior, self.prior_distribution)
+            self._elbo_estimator = "analytic_kl" if analytic else "monte_carlo"
+        if gradient not in ("reparameterization", "dreg"):
+            raise ValueError(f"gradient must be 'reparameterization' or 'dreg', got {gradient!r}.")
+        if gradient == "dreg" and self.estimator != "iwae":
+            raise ValueError(
+                "gradient='dreg' is the doubly-reparameterized gradient of the importance-"
+                "weighted bound: pass estimator='iwae' (with num_samples=k > 1) as well."
+            )
+        self.gradient = gradient
+        names = METRIC_NAMES + (("iwae_bound",) if self.estimator == "iwae" else ())
+        self.trackers = {name: keras.metrics.Mean(name=name) for name in names}
         self._set_objective(kl_weight, free_bits)
 
     def _set_objective(self, kl_weight, free_bits):
@@ -157,6 +180,14 @@ class AEVB(SavesGeneratorStates, keras.Model):
         self.free_bits = float(free_bits)
         if not self.free_bits >= 0 or not np.isfinite(self.free_bits):
             raise ValueError(f"free_bits must be a finite number >= 0, got {free_bits!r}.")
+        if self.estimator == "iwae" and (
+            self.kl_schedule is not None or initial != 1.0 or self.free_bits
+        ):
+            raise ValueError(
+                "kl_weight and free_bits reshape the ELBO's KL term; estimator='iwae' trains on "
+                "the importance-weighted bound, which has none: drop them or use "
+                "estimator='analytic_kl'."
+            )
         if self.free_bits and self.estimator != "analytic_kl":
             raise ValueError(
                 "free_bits needs the KL per latent dimension in closed form (estimator B), but "
@@ -259,7 +290,15 @@ class AEVB(SavesGeneratorStates, keras.Model):
         z = self.posterior_layer.sample(params, num_samples, seed=seed, eps=eps)
         outputs = self.decoder(z, training=training)
         log_px_given_z = self.decoder.log_likelihood(x, outputs)
-        terms = sgvb_terms(log_px_given_z, posterior, self.prior_distribution, z, self.estimator)
+        terms = sgvb_terms(
+            log_px_given_z, posterior, self.prior_distribution, z, self._elbo_estimator
+        )
+        if self.estimator == "iwae":
+            stopped = None
+            if self.gradient == "dreg" and training:
+                frozen = {name: ops.stop_gradient(value) for name, value in params.items()}
+                stopped = self.posterior_layer.distribution(frozen)
+            terms.update(iwae_terms(log_px_given_z, posterior, self.prior_distribution, z, stopped))
         if self.free_bits:
             terms["kl_per_dimension"] = analytic_kl_per_dimension(
                 posterior, self.prior_distribution
@@ -273,6 +312,8 @@ class AEVB(SavesGeneratorStates, keras.Model):
         beta is the `kl_weight` variable's value. With beta = 1 and no free bits every value
         equals the `elbo` exactly (1.0 * kl is kl in floating point).
         """
+        if self.estimator == "iwae":
+            return terms["iwae_bound"]
         if self.kl_schedule is not None and step is not None:
             beta = ops.cast(self.kl_schedule(step), self.compute_dtype)
             self.kl_weight.assign(beta)
@@ -303,15 +344,29 @@ class AEVB(SavesGeneratorStates, keras.Model):
         x = self._check_step_data(x)
         # Under tf.distribute the replicas' gradients are summed: scale each replica's mean.
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
-        with tf.GradientTape() as tape:
+        with tf.GradientTape(persistent=self.gradient == "dreg") as tape:
             terms = self._terms(x, training=True, eps=eps)
             terms["objective"] = self._objective_terms(
                 terms, sample_weight, self.optimizer.iterations
             )
             objective = -_weighted_mean(terms["objective"], sample_weight) / replicas
             scaled = self.optimizer.scale_loss(objective)
+            if self.gradient == "dreg":
+                surrogate = -_weighted_mean(terms.pop("dreg_surrogate"), sample_weight) / replicas
+                scaled_surrogate = self.optimizer.scale_loss(surrogate)
         variables = self.trainable_variables
         gradients = tape.gradient(scaled, variables)
+        if self.gradient == "dreg":
+            # The encoder's gradient is DReG's; the decoder's (and a learned prior's) the
+            # bound's own, which has no score-function term to remove.
+            encoder = {id(v) for v in self.encoder.trainable_variables}
+            dreg = tape.gradient(scaled_surrogate, self.encoder.trainable_variables)
+            by_id = dict(zip((id(v) for v in self.encoder.trainable_variables), dreg, strict=True))
+            gradients = [
+                by_id[id(v)] if id(v) in encoder else g
+                for g, v in zip(gradients, variables, strict=True)
+            ]
+            del tape
         if self.weight_decay:
             # The gradient of weight_decay / 2 * ||theta||^2 is weight_decay * theta: added in
             # closed form (2 passes over the 816k weights) rather than through the tape (the
@@ -853,6 +908,7 @@ class AEVB(SavesGeneratorStates, keras.Model):
             seed=self.seed,
             kl_weight=self._kl_weight_config,
             free_bits=self.free_bits,
+            gradient=self.gradient,
         )
         return config
 
