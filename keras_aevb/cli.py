@@ -588,6 +588,7 @@ def cmd_train(args):
         weight_decay=args.weight_decay,
         binarization=args.binarization,
         seed=args.seed,
+        gradient=args.gradient,
         beta=args.beta,
         kl_warmup=args.kl_warmup,
         free_bits=args.free_bits,
@@ -976,10 +977,18 @@ def build_parser():
     p.add_argument("--prior", choices=PRIOR_NAMES, default="standard_normal")
     p.add_argument(
         "--estimator",
-        choices=("auto", "analytic_kl", "monte_carlo"),
+        choices=("auto", "analytic_kl", "monte_carlo", "iwae"),
         default="auto",
         help="SGVB estimator B (analytic_kl, eq. 7) or A (monte_carlo, eq. 6); auto: B where "
-        "the KL has a closed form (the paper's choice)",
+        "the KL has a closed form (the paper's choice); iwae: train on the importance-weighted "
+        "bound with k = --num-samples (Burda et al.)",
+    )
+    p.add_argument(
+        "--gradient",
+        choices=("reparameterization", "dreg"),
+        default="reparameterization",
+        help="dreg: the doubly-reparameterized encoder gradient (Tucker et al.), with "
+        "--estimator iwae",
     )
     p.add_argument("--num-samples", type=_positive_int, default=1, help="L (default 1)")
     p.add_argument("--batch-size", type=_positive_int, default=100, help="M (default 100)")

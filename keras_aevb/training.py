@@ -126,7 +126,9 @@ class TrainConfig:
         hidden_units: hidden layer sizes; None: the paper's (500 MNIST, 200 Frey Face).
         decoder: "bernoulli", "gaussian" or "auto" (Bernoulli for MNIST, Gaussian for Frey Face).
         posterior, prior: names in `keras_aevb.FAMILIES` and `keras_aevb.PRIORS`.
-        estimator: "analytic_kl" (SGVB estimator B, eq. 7), "monte_carlo" (A, eq. 6) or "auto".
+        estimator: "analytic_kl" (SGVB estimator B, eq. 7), "monte_carlo" (A, eq. 6), "auto", or
+            "iwae" (the importance-weighted bound with k = num_samples as the objective).
+        gradient: "reparameterization", or "dreg" (Tucker et al.'s encoder gradient, with iwae).
         num_samples: L, samples of z per datapoint.
         batch_size: M.
         epochs: passes over the training set; exclusive with `max_examples`.
@@ -162,6 +164,7 @@ class TrainConfig:
     posterior: str = "normal"
     prior: str = "standard_normal"
     estimator: str = "auto"
+    gradient: str = "reparameterization"
     num_samples: int = 1
     batch_size: int = 100
     epochs: int | None = None
@@ -387,6 +390,13 @@ def _check_settings(config: TrainConfig):
         value = getattr(config, name)
         if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
             raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    if config.method != "aevb" and (
+        config.estimator == "iwae" or config.gradient != "reparameterization"
+    ):
+        raise ValueError(
+            f"--estimator iwae and --gradient dreg are AEVB's objectives; --method "
+            f"{config.method} trains by its own rule: drop them"
+        )
     if config.method != "aevb" and (config.beta != 1.0 or config.kl_warmup or config.free_bits):
         raise ValueError(
             f"--beta, --kl-warmup and --free-bits change AEVB's objective; --method "
@@ -542,6 +552,7 @@ def build_model(
     beta=1.0,
     kl_warmup=None,
     free_bits=0.0,
+    gradient="reparameterization",
 ):
     """The paper's architecture (App. C) for the CLI's settings, built and not compiled.
 
@@ -584,6 +595,7 @@ def build_model(
             seed=seed,
             kl_weight=LinearWarmup(kl_warmup, end=beta) if kl_warmup else beta,
             free_bits=free_bits,
+            gradient=gradient,
             name=f"aevb_{dataset}",
         )
     elif beta != 1.0 or kl_warmup or free_bits:
@@ -1329,6 +1341,7 @@ def _train(config: TrainConfig, print_fn, lock) -> TrainResult:
             beta=config.beta,
             kl_warmup=config.kl_warmup,
             free_bits=config.free_bits,
+            gradient=config.gradient,
         )
 
     keras.utils.set_random_seed(config.seed)

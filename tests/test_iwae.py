@@ -122,3 +122,23 @@ def test_dreg_and_kl_settings_are_checked():
         keras_aevb.paper_model("mnist", 2, hidden_units=8, gradient="dreg")
     with pytest.raises(ValueError, match="estimator='iwae' trains on the importance-weighted"):
         keras_aevb.paper_model("mnist", 2, hidden_units=8, estimator="iwae", kl_weight=0.5)
+
+
+def test_the_command_line_trains_on_the_iwae_bound(tmp_path, mnist_dir, capsys):
+    import json
+
+    from keras_aevb.cli import main
+
+    argv = ["train", "--dataset", "mnist", "--data-dir", str(mnist_dir), "--latent-dim", "2"]
+    argv += ["--hidden-units", "16", "--max-examples", "300", "--learning-rate", "0.05"]
+    argv += ["--no-tensorboard", "--verbose", "0", "--estimator", "iwae", "--num-samples", "3"]
+    run_dir = tmp_path / "run"
+    assert main([*argv, "--gradient", "dreg", "--output", str(run_dir)]) == 0
+    config = json.loads((run_dir / "config.json").read_text())
+    assert (config["estimator"], config["gradient"], config["num_samples"]) == ("iwae", "dreg", 3)
+    loaded = keras.saving.load_model(run_dir / "model.keras", compile=False)
+    assert (loaded.estimator, loaded.gradient) == ("iwae", "dreg")
+    capsys.readouterr()
+    bad = [*argv, "--method", "wake_sleep", "--output", str(tmp_path / "ws")]
+    assert main(bad) == 2
+    assert "--estimator iwae and --gradient dreg are AEVB's objectives" in capsys.readouterr().err
