@@ -856,12 +856,13 @@ def test_plot_out_suffix_names_the_format(tmp_path, trained_run, suffix, magic):
 
 def test_choice_lists_match_the_library():
     # The parser lists the choices itself, so that --help needs no TensorFlow (nor NumPy).
-    from keras_aevb import cli, data, plotting
+    from keras_aevb import cli, data, plotting, reproduce
     from keras_aevb.families import FAMILIES
     from keras_aevb.prior import PRIORS
 
     assert cli.POSTERIORS == tuple(FAMILIES)
     assert cli.PRIOR_NAMES == tuple(PRIORS)
+    assert cli.FIGURES == reproduce.FIGURES
     assert (cli.DECODERS, cli.OPTIMIZERS, cli.METHODS, cli.STRATEGIES) == (
         training.DECODERS,
         training.OPTIMIZERS,
