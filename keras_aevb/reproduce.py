@@ -203,7 +203,9 @@ def train_config(spec, runs_dir, budget, data_dir=None, verbose=2):
     elif spec.train_examples is not None:
         per_epoch = spec.train_examples
     else:
-        per_epoch = _NUM_TRAIN[spec.dataset]
+        from keras_aevb.paper import PAPER_DATASETS
+
+        per_epoch = PAPER_DATASETS[spec.dataset]["N"]
     if budget < per_epoch and spec.method != "mcem":
         max_examples = int(budget)  # the run's epochs shrink to the budget (`_plan_epochs`)
     else:  # Monte Carlo EM trains in whole passes over its array: at least one
@@ -224,10 +226,6 @@ def train_config(spec, runs_dir, budget, data_dir=None, verbose=2):
         tensorboard=False,
         seed=0,
     )
-
-
-# Training-set sizes: MNIST's 60,000, Frey Face's training split.
-_NUM_TRAIN = {"mnist": 60_000, "frey_face": 1765}
 
 
 def reproduce(

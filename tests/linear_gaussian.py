@@ -140,15 +140,15 @@ class PosteriorEncoder(keras.layers.Layer):
         return {"z_mean": keras.KerasTensor(shape), "z_log_var": keras.KerasTensor(shape)}
 
 
-def linear_gaussian_model(problem, mean_shift=0.0, log_var_shift=0.0, seed=0):
+def linear_gaussian_model(problem, mean_shift=0.0, log_var_shift=0.0, seed=0, **kwargs):
     """An `AEVB` whose decoder is the linear-Gaussian p(x|z) and whose encoder is (a shift of)
-    the exact posterior."""
+    the exact posterior; `kwargs` go to `AEVB` (estimator A unless they say otherwise)."""
     w, b, s = problem["w"], problem["b"], problem["noise_std"]
     model = keras_aevb.AEVB(
         PosteriorEncoder(w, b, s, mean_shift, log_var_shift),
         LinearGaussianDecoder(w, b, s),
-        estimator="monte_carlo",
         seed=seed,
+        **{"estimator": "monte_carlo", **kwargs},
     )
     model.build()
     return model

@@ -5,22 +5,15 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from linear_gaussian import LinearGaussianDecoder, PosteriorEncoder, linear_gaussian_problem
+from linear_gaussian import linear_gaussian_model, linear_gaussian_problem
 
 import keras_aevb
 
 
 def _linear_model(problem, k, mean_shift=0.0, log_var_shift=0.0):
-    w, b, s = problem["w"], problem["b"], problem["noise_std"]
-    model = keras_aevb.AEVB(
-        PosteriorEncoder(w, b, s, mean_shift, log_var_shift),
-        LinearGaussianDecoder(w, b, s),
-        estimator="iwae",
-        num_samples=k,
-        seed=0,
+    return linear_gaussian_model(
+        problem, mean_shift, log_var_shift, estimator="iwae", num_samples=k
     )
-    model.build()
-    return model
 
 
 def _bound(model, x, seed):
