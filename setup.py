@@ -56,6 +56,8 @@ setup(
             # The gRPC PredictRequest test; 2.21 installs beside TensorFlow 2.21 unchanged.
             "tensorflow-serving-api>=2.16,<2.22",
         ],
+        # Only for benchmarks/peers/ (train_throughput.py --peers); never needed by the package.
+        "bench": ["jax>=0.4.30", "jaxlib>=0.4.30", "torch>=2.4"],
     },
     entry_points={"console_scripts": ["keras-aevb=keras_aevb.cli:main"]},
     classifiers=[

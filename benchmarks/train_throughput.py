@@ -23,6 +23,8 @@ Configurations (M = minibatch):
     python benchmarks/train_throughput.py --quick        # about 1 minute
     python benchmarks/train_throughput.py --profile      # where a step's time goes (profiler)
     python benchmarks/train_throughput.py --ceilings     # fit against plain TF and matmuls alone
+    python benchmarks/train_throughput.py --peers --batch-sizes 100,20,1000
+                                                         # against JAX and torch.compile
 
 The last lines printed are the ratios.
 """
@@ -326,6 +328,75 @@ def ceilings(images, m, args):
     return summaries
 
 
+def make_peer_config(trainer_class, images, batch_size, epochs):
+    """A peer (benchmarks/peers/) on the same model and protocol; warmed up by one epoch."""
+    trainer = trainer_class(images, batch_size=batch_size, seed=0)
+    trainer.train_epoch()  # traces and compiles
+
+    def measure():
+        rates = []
+        for _ in range(epochs):
+            rates.append(_roofline.timed(lambda: (trainer.train_epoch(), len(images))[1]))
+        return _roofline.Rate(
+            statistics.median(r.wall for r in rates), statistics.median(r.cpu for r in rates)
+        )
+
+    return measure
+
+
+def peer_classes():
+    """`{name: trainer class}` of the peers whose framework is installed (`.[bench]`)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "peers"))
+    classes, missing = {}, []
+    try:
+        import jax_peer
+
+        classes["jax"] = jax_peer.Trainer
+    except ImportError:
+        missing.append("jax")
+    try:
+        import torch_peer
+
+        classes["torch eager"] = torch_peer.EagerTrainer
+        classes["torch.compile"] = torch_peer.CompiledTrainer
+    except ImportError:
+        missing.append("torch")
+    if missing:
+        print(f"peers skipped (not installed: {', '.join(missing)}; pip install -e '.[bench]')")
+    return classes
+
+
+def peers(images, batch_sizes, args):
+    """keras_aevb's defaults against the JAX and PyTorch peers, interleaved, per batch size."""
+    classes = peer_classes()
+    summaries = {}
+    for m in batch_sizes:
+        configs = {}
+        configs[f"keras_aevb M={m}"], _ = make_fit_config(images, m, args.epochs, {}, "dataset")
+        configs[f"keras_aevb numpy M={m}"], _ = make_fit_config(images, m, args.epochs, {}, "numpy")
+        for name, cls in classes.items():
+            if name == "torch eager" and m != batch_sizes[0]:
+                continue  # the slowest peer: measured at the first batch size only
+            configs[f"{name} M={m}"] = make_peer_config(cls, images, m, args.epochs)
+        results = _roofline.interleaved(configs, args.repeats)
+        _roofline.print_peaks(results)
+        reference = f"keras_aevb M={m}"
+        print(
+            f"{'system':28s} {'examples/s':>10s} {'fraction':>8s} {'(min-max)':>11s}"
+            f" {'keras_aevb / system (paired)':>29s}"
+        )
+        for name in configs:
+            s = _roofline.ratio_summary(results[name], FLOPS_PER_EXAMPLE)
+            s["keras_aevb_over"] = _roofline.paired_speedups(results[reference], results[name])
+            summaries[name] = s
+            print(
+                f"{name:28s} {s['rate']:10.0f} {s['fraction']:8.3f}"
+                f" ({s['fraction_min']:.2f}-{s['fraction_max']:.2f}) {s['keras_aevb_over']:28.2f}x"
+            )
+        print()
+    return summaries
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--examples", type=int, default=20_000, help="examples per epoch")
@@ -342,6 +413,12 @@ def main(argv=None):
         action="store_true",
         help="only compare fit with what TensorFlow allows: matmuls alone, the step in plain "
         "TensorFlow, the model's train_step without fit (M = first)",
+    )
+    parser.add_argument(
+        "--peers",
+        action="store_true",
+        help="only compare keras_aevb's defaults with the JAX and PyTorch peers of "
+        "benchmarks/peers/ (interleaved, each batch size of --batch-sizes)",
     )
     args = parser.parse_args(argv)
     if args.quick:
@@ -370,6 +447,9 @@ def main(argv=None):
 
     if args.ceilings:
         return ceilings(images, m, args)
+
+    if args.peers:
+        return peers(images, batch_sizes, args)
 
     configs, notes = {}, {}
     configs[f"defaults M={m}"], model = make_fit_config(images, m, args.epochs, {}, "dataset")
