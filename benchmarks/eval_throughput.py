@@ -57,6 +57,7 @@ def make_config(x, num_samples, chunk_size=None, tfp_density=False):
         return log_likelihood(model, x, num_samples=num_samples, seed=0, chunk_size=chunk_size)
 
     estimate()  # traces the chunk step (and the partial last chunk)
+    estimate.model = model
 
     def measure():
         def run():
@@ -68,6 +69,27 @@ def make_config(x, num_samples, chunk_size=None, tfp_density=False):
     return measure, estimate
 
 
+def make_jax_config(x, num_samples, model, chunk=250):
+    """The JAX peer (benchmarks/peers/jax_peer.py) on the same model's weights."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "peers"))
+    import jax
+    import jax_peer
+
+    params = jax_peer.params_from_keras(model)
+    flat = jax.numpy.asarray(x.reshape(len(x), -1))
+    key = jax.random.key(0)
+
+    def estimate():
+        return np.asarray(jax_peer.log_likelihood(params, flat, num_samples, chunk, key))
+
+    estimate()  # compiles
+
+    def measure():
+        return _roofline.timed(lambda: (estimate(), len(x) * num_samples)[1])
+
+    return measure, estimate
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--examples", type=int, default=20)
@@ -75,6 +97,9 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--chunks", default="64,512", help="extra chunk sizes to compare")
     parser.add_argument("--data-dir", default=None)
+    parser.add_argument(
+        "--peers", action="store_true", help="also the JAX peer (benchmarks/peers/jax_peer.py)"
+    )
     args = parser.parse_args(argv)
 
     import keras
@@ -105,6 +130,10 @@ def main(argv=None):
     for chunk in [int(c) for c in args.chunks.split(",") if c]:
         configs[f"chunk={chunk}"], _ = make_config(x, k, chunk_size=chunk)
     configs["tfp log-density"], tfp_estimate = make_config(x, k, tfp_density=True)
+    if args.peers:
+        configs["jax peer"], jax_estimate = make_jax_config(x, k, estimate.model)
+        difference = np.max(np.abs(jax_estimate() - estimate()))
+        print(f"jax peer vs default, same weights: max |difference| {difference:.2e} nats")
     difference = np.max(np.abs(tfp_estimate() - estimate()))
     print(f"tfp log-density vs default, same seed: max |difference| {difference:.2e} nats")
 

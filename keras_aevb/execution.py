@@ -78,7 +78,7 @@ def active_guard(model):
     return guard if guard is not None and guard.active else None
 
 
-def _training_state(model):
+def training_state(model):
     """Everything a training execution changes: weights, optimizer, noise generators' states."""
     variables = list(model.variables)
     optimizer = getattr(model, "optimizer", None)
@@ -181,7 +181,7 @@ def make_execution_function(model, step_function, mode, jit_step=False, block=No
             optimizer = getattr(model, "optimizer", None)
             if optimizer is not None and not optimizer.built:
                 optimizer.build(model.trainable_variables)  # its state is saved too
-            variables = _training_state(model)
+            variables = training_state(model)
             saved = [tf.raw_ops.DeepCopy(x=tf.convert_to_tensor(v)) for v in variables]
         guard.reset()
         guard.active = True

@@ -108,13 +108,9 @@ def log_likelihood(model, x, num_samples=5000, batch_size=None, seed=None, chunk
         chunk = min(chunk, num_samples)
         # One seed per batch; the samples' blocks fold their index into it (_NOISE_BLOCK).
         seed_pair = tf.constant(rng.integers(0, _INT32_MAX, size=2), tf.int32)
-        chunk_lse = []
-        for start in range(0, num_samples, chunk):
-            k = min(chunk, num_samples - start)
-            # start and k are tensors: no chunk traces the step again.
-            lse = step(batch, params, tf.constant(start), tf.constant(k), seed_pair)
-            chunk_lse.append(lse.numpy())
-        lse = _logsumexp(np.stack(chunk_lse).astype(np.float64), axis=0)
+        # num_samples and chunk are tensors: no batch traces the step again.
+        chunk_lse = step(batch, params, tf.constant(num_samples), tf.constant(chunk), seed_pair)
+        lse = _logsumexp(chunk_lse.numpy().astype(np.float64), axis=0)
         estimates.append(lse - math.log(num_samples))
     if not estimates:
         raise ValueError("log_likelihood got no examples: x is empty.")
@@ -122,21 +118,38 @@ def log_likelihood(model, x, num_samples=5000, batch_size=None, seed=None, chunk
 
 
 def _log_weight_chunk_fn(model):
-    """A compiled step: logsumexp over k samples of log w, per example, `[batch]`.
+    """A compiled step: per chunk of samples, the logsumexp of log w, `[chunks, batch]`.
 
-    Cached on the model so repeated calls (chunks, batches, evaluations) reuse one trace.
+    `step(x, params, num_samples, chunk, seed)` runs every chunk of one batch in one call (a
+    `tf.while_loop`), so no chunk pays a Python call and a copy back to NumPy. Cached on the
+    model so repeated calls (batches, evaluations) reuse one trace.
     """
     cached = model.__dict__.get("_keras_aevb_log_weight_chunk")
     if cached is not None:
         return cached
 
-    @tf.function(reduce_retracing=True)
-    def step(x, params, start, k, seed):
+    def chunk_lse(x, params, start, k, seed):
         posterior = model.posterior_layer.distribution(params)
         z = _sample_block_range(model, params, start, k, seed)
         log_px_z = model.decoder.log_likelihood(x, model.decoder(z, training=False))
         log_w = log_px_z + model.prior_distribution.log_prob(z) - posterior.log_prob(z)
         return tf.reduce_logsumexp(log_w, axis=0)
+
+    @tf.function(reduce_retracing=True)
+    def step(x, params, num_samples, chunk, seed):
+        chunks = (num_samples + chunk - 1) // chunk
+
+        def body(i, lse):
+            start = i * chunk
+            k = tf.minimum(chunk, num_samples - start)
+            return i + 1, lse.write(i, chunk_lse(x, params, start, k, seed))
+
+        _, lse = tf.while_loop(
+            lambda i, lse: i < chunks,
+            body,
+            (tf.constant(0), tf.TensorArray(next(iter(params.values())).dtype, size=chunks)),
+        )
+        return lse.stack()
 
     model.__dict__["_keras_aevb_log_weight_chunk"] = step
     return step

@@ -151,3 +151,48 @@ def choose_prng_impl(batch_size=100, data_dim=784, latent_dim=20, draws=200):
         draw(key).block_until_ready()
         times[impl] = time.perf_counter() - start
     return min(times, key=times.get)
+
+
+def params_from_keras(model):
+    """The peer's parameters from a `keras_aevb.paper_model("mnist", ...)` model's weights."""
+    names = {
+        "encoder/hidden_0/kernel": "enc_w", "encoder/hidden_0/bias": "enc_b",
+        "encoder/z_mean/kernel": "mu_w", "encoder/z_mean/bias": "mu_b",
+        "encoder/z_log_var/kernel": "lv_w", "encoder/z_log_var/bias": "lv_b",
+        "decoder/hidden_0/kernel": "dec_w", "decoder/hidden_0/bias": "dec_b",
+        "decoder/logits/kernel": "out_w", "decoder/logits/bias": "out_b",
+    }  # fmt: skip
+    params = {}
+    for variable in model.trainable_variables:
+        suffix = "/".join(variable.path.split("/")[-3:])
+        params[names[suffix]] = jnp.asarray(variable.numpy())
+    return params
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def log_likelihood(params, x, num_samples, chunk, key):
+    """Importance-sampled log p(x) per example (K = num_samples draws from q, in chunks).
+
+    log p(x) ~ logsumexp_k [log p(x|z_k) + log p(z_k) - log q(z_k|x)] - log K, z_k ~ q(z|x).
+    Each chunk is one batched decoder pass over [examples * chunk] latent points; `lax.map`
+    runs the chunks in one compiled program.
+    """
+    h = jnp.tanh(x @ params["enc_w"] + params["enc_b"])
+    mu = h @ params["mu_w"] + params["mu_b"]
+    log_var = h @ params["lv_w"] + params["lv_b"]
+    sigma = jnp.exp(0.5 * log_var)
+    log_2pi = jnp.log(2.0 * jnp.pi)
+
+    def chunk_weights(k):
+        eps = jax.random.normal(k, (chunk, *mu.shape))  # [C, B, J]
+        z = mu + sigma * eps
+        logits = jnp.tanh(z @ params["dec_w"] + params["dec_b"]) @ params["out_w"]
+        logits = logits + params["out_b"]
+        log_px = jnp.sum(x * logits - jax.nn.softplus(logits), axis=-1)
+        log_pz = -0.5 * jnp.sum(z**2 + log_2pi, axis=-1)
+        log_q = -0.5 * jnp.sum(eps**2 + log_2pi + log_var, axis=-1)
+        return log_px + log_pz - log_q  # [C, B]
+
+    weights = jax.lax.map(chunk_weights, jax.random.split(key, num_samples // chunk))
+    weights = weights.reshape(-1, x.shape[0])
+    return jax.scipy.special.logsumexp(weights, axis=0) - jnp.log(num_samples)
