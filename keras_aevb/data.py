@@ -32,6 +32,7 @@ import struct
 import sys
 import zlib
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -564,6 +565,120 @@ def binarize(images: np.ndarray, method: str, seed: int = 0) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 
 
+class BatchSpec(NamedTuple):
+    """The static shape of an `AddressedBatches` stream (hashable: a trace key)."""
+
+    batch_size: int
+    num_examples: int
+    num_batches: int
+    event_shape: tuple
+    shuffle: bool
+    dynamic: bool
+    drop_remainder: bool
+
+
+class AddressedBatches:
+    """The batches of `make_dataset`, built from their addresses where they are used.
+
+    An address is `[epoch seed (4 int64), batch index]`: the epoch seed gives the epoch's
+    order (`stateless_shuffle` of its first two values) and, for ``"dynamic"``, the key of its
+    Bernoulli draws (the third); batch i is rows `order[i M : (i + 1) M]` of the table, drawn
+    from the stateless seed `(key, i)`. `make_dataset` builds its batches with `batch`, and
+    `AEVB.fit` builds the same batches from the addresses with `materialize`, next to the
+    training steps (keras_aevb.execution): tf.data then only hands over addresses, where
+    building each batch on tf.data's thread competed with the step for the CPU.
+
+    Attributes:
+        table: the data, or the Bernoulli thresholds for ``"dynamic"`` (int32 in [0, 2**16]);
+            a compiled function that builds batches takes it as an argument (a tensor), so one
+            trace serves every table of the same `spec`.
+        spec: a `BatchSpec` (hashable: the trace key).
+    """
+
+    def __init__(self, table, spec):
+        self.table = table
+        self.spec = spec
+        batch = spec.batch_size if spec.drop_remainder else None
+        self._batch_shape = [batch, *spec.event_shape]
+
+    @classmethod
+    def of(cls, table, batch_size, shuffle, dynamic, drop_remainder=False):
+        """The stream of `table` in batches of `batch_size` (see `make_dataset`)."""
+        num_examples = int(table.shape[0])
+        num_batches = num_examples // batch_size
+        if not drop_remainder and num_examples % batch_size:
+            num_batches += 1
+        event_shape = tuple(int(d) for d in table.shape[1:])
+        spec = BatchSpec(
+            batch_size, num_examples, num_batches, event_shape, bool(shuffle), bool(dynamic),
+            bool(drop_remainder),
+        )  # fmt: skip
+        return cls(table, spec)
+
+    def order(self, epoch_seed):
+        """The epoch's order of the examples (None: their natural order)."""
+        if not self.spec.shuffle:
+            return None
+        return tf.random.experimental.stateless_shuffle(
+            tf.range(self.spec.num_examples, dtype=tf.int32), seed=epoch_seed[:2]
+        )
+
+    def batch(self, order, draw_key, i):
+        """Batch i of the epoch with this order and draw key, float32 `[m, *event_shape]`."""
+        table = self.table
+        m, n = self.spec.batch_size, self.spec.num_examples
+        i = tf.cast(i, tf.int32)
+        start = i * m
+        stop = tf.minimum(start + m, n)
+        rows = tf.gather(table, order[start:stop]) if order is not None else table[start:stop]
+        if self.spec.dynamic:
+            rows = _bernoulli16(rows, tf.stack([draw_key, tf.cast(i, tf.int64)]))
+        return tf.ensure_shape(tf.cast(rows, tf.float32), self._batch_shape)
+
+    def is_full(self, address):
+        """Whether the batch at `address` holds `batch_size` examples (not a short last one)."""
+        return (address[4] + 1) * self.spec.batch_size <= self.spec.num_examples
+
+    def materialize(self, addresses):
+        """The batches at `addresses` `[k, 5]`, one after another: `[k, m, *event_shape]`.
+
+        Every batch in a block must have the same size (the caller checks `is_full`). The
+        order is computed once per epoch seed met, not once per batch.
+        """
+        k = tf.shape(addresses)[0]
+        batches = tf.TensorArray(
+            tf.float32, size=k, element_shape=[self.spec.batch_size, *self.spec.event_shape]
+        )
+        if not self.spec.shuffle:
+
+            def body(j, batches):
+                address = addresses[j]
+                return j + 1, batches.write(j, self.batch(None, address[2], address[4]))
+
+            _, batches = tf.while_loop(lambda j, _: j < k, body, (tf.constant(0), batches))
+            return batches.stack()
+
+        def shuffled_body(j, order, seed, batches):
+            address = addresses[j]
+            order = tf.cond(
+                tf.reduce_all(address[:2] == seed), lambda: order, lambda: self.order(address)
+            )
+            batch = self.batch(order, address[2], address[4])
+            return j + 1, order, address[:2], batches.write(j, batch)
+
+        first = addresses[0]
+        _, _, _, batches = tf.while_loop(
+            lambda j, *_: j < k,
+            shuffled_body,
+            (tf.constant(0), self.order(first), first[:2], batches),
+        )
+        return batches.stack()
+
+    def materialize_one(self, address):
+        """The batch at one address, `[m, *event_shape]` (a short last batch included)."""
+        return self.batch(self.order(address), address[2], address[4])
+
+
 def make_dataset(
     images: np.ndarray,
     batch_size: int = 100,
@@ -642,52 +757,60 @@ def make_dataset(
         table = tf.constant(np.rint(images * np.float32(_DRAW_LEVELS)).astype(np.int32))
     else:
         table = tf.constant(binarize(images, binarization, seed=seed))
-    batch_size = int(batch_size)
-    num_examples = len(images)
-    event_shape = tuple(int(d) for d in images.shape[1:])
-    num_batches = num_examples // batch_size
-    if not drop_remainder and num_examples % batch_size:
-        num_batches += 1
-    batch_shape = [batch_size if drop_remainder else None, *event_shape]
+    source = AddressedBatches.of(
+        table, int(batch_size), shuffle, binarization == "dynamic", drop_remainder
+    )
+    spec = source.spec
+    num_batches = spec.num_batches
 
     def epoch_batches(epoch_seed, first_batch=0):
         """The batches of one epoch from `first_batch` on; `epoch_seed` is 4 int64."""
-        shuffle_seed, draw_key = epoch_seed[:2], epoch_seed[2]
-        if shuffle:
-            order = tf.random.experimental.stateless_shuffle(
-                tf.range(num_examples, dtype=tf.int32), seed=shuffle_seed
-            )
-
-        def make_batch(i):
-            start = i * batch_size
-            stop = tf.minimum(start + batch_size, num_examples)
-            rows = tf.gather(table, order[start:stop]) if shuffle else table[start:stop]
-            if binarization == "dynamic":
-                rows = _bernoulli16(rows, tf.stack([draw_key, tf.cast(i, tf.int64)]))
-            return tf.ensure_shape(rows, batch_shape)
-
+        order = source.order(epoch_seed)
         batch_index = tf.data.Dataset.range(first_batch, num_batches, output_type=tf.int32)
-        return batch_index.map(make_batch, num_parallel_calls=None)
+        return batch_index.map(
+            lambda i: source.batch(order, epoch_seed[2], i), num_parallel_calls=None
+        )
+
+    def epoch_addresses(epoch_seed, first_batch=0):
+        """The same epoch's batches as addresses: `[epoch seed (4), batch index]`, int64."""
+        batch_index = tf.data.Dataset.range(first_batch, num_batches, output_type=tf.int64)
+        return batch_index.map(lambda i: tf.concat([epoch_seed, [i]], axis=0))
 
     if repeat:
         if isinstance(initial_step, bool) or int(initial_step) != initial_step or initial_step < 0:
             raise DataError(f"initial_step must be an integer >= 0, got {initial_step!r}")
         first_pass, first_batch = divmod(int(initial_step), num_batches)
-        # Pass p's seed is the p-th group of 4 of one fixed random sequence: addressable.
-        epoch_seeds = tf.data.Dataset.random(seed=seed).batch(4).skip(first_pass)
 
-        def pass_batches(p, epoch_seed):
-            start = tf.where(p == 0, tf.constant(first_batch, tf.int64), tf.constant(0, tf.int64))
-            return epoch_batches(epoch_seed, start)
+        def stream(per_epoch):
+            # Pass p's seed is the p-th group of 4 of one fixed random sequence: addressable.
+            epoch_seeds = tf.data.Dataset.random(seed=seed).batch(4).skip(first_pass)
 
-        dataset = epoch_seeds.enumerate().flat_map(pass_batches)
+            def pass_batches(p, epoch_seed):
+                start = tf.where(
+                    p == 0, tf.constant(first_batch, tf.int64), tf.constant(0, tf.int64)
+                )
+                return per_epoch(epoch_seed, start)
+
+            return epoch_seeds.enumerate().flat_map(pass_batches)
     else:
         # One element (4 int64) per iteration: a new epoch seed every epoch, reproducible.
+        # Both streams below share it, so an iteration of either (a peek at the first batch
+        # included) moves both to the next epoch's seed.
         epoch_seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
-        dataset = epoch_seeds.take(4).batch(4, drop_remainder=True).flat_map(epoch_batches)
-        # flat_map hides the number of batches; Keras needs it (steps per epoch, progress bars).
-        dataset = dataset.apply(tf.data.experimental.assert_cardinality(num_batches))
 
+        def stream(per_epoch):
+            dataset = epoch_seeds.take(4).batch(4, drop_remainder=True).flat_map(per_epoch)
+            # flat_map hides the number of batches; Keras needs it (steps per epoch, progress
+            # bars).
+            return dataset.apply(tf.data.experimental.assert_cardinality(num_batches))
+
+    dataset = _pipeline_options(stream(epoch_batches))
+    # The same stream as addresses, for `AEVB.fit`, which builds the batches itself.
+    dataset._keras_aevb_addressed = (source, _pipeline_options(stream(epoch_addresses)))
+    return dataset
+
+
+def _pipeline_options(dataset):
     # Fixed prefetch, no parallel calls and no autotuning: on the 2-core CPUs measured here,
     # tf.data's autotuner stalled the end of a fit call by 1.6-2.4 s in about half the epochs
     # (DESIGN.md section 9); parallel map calls did not lower the CPU cost per batch.

@@ -22,6 +22,8 @@ Only models on the default (single-device) strategy take these paths; under a `t
 strategy with several replicas Keras's own functions run (`AEVB.make_train_function`).
 """
 
+import math
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -170,6 +172,9 @@ def make_execution_function(model, step_function, mode, jit_step=False, block=No
             return logs
         limit = execution_limit(model._execution_state, mode, model.steps_per_execution)
         if run_blocks is not None and _single_tensor(iterator.element_spec):
+            source = model._execution_state.get("train_source") if mode == "train" else None
+            if source is not None:
+                return run_blocks(iterator, tf.constant(limit), source.table, source.spec)
             return run_blocks(iterator, tf.constant(limit))
         return run_steps(iterator, tf.constant(limit))
 
@@ -244,19 +249,37 @@ def _make_block_runner(model, one_step, block_step, draw_noise):
         )
         return logs
 
-    def step_by_step(batches, count, logs):
-        _, logs = tf.while_loop(
-            lambda i, logs: i < count,
-            lambda i, logs: (i + 1, one_step(batches.read(i))),
-            (tf.constant(0), logs),
-        )
-        return logs
-
     @tf.function(reduce_retracing=True)
-    def run(iterator, limit):
+    def run(iterator, limit, table=None, batch_spec=None):
+        """`table`, `batch_spec`: the iterator yields addresses of `AddressedBatches` batches."""
         spec = tf.nest.flatten(iterator.element_spec)[0]
         first = tf.nest.flatten(iterator.get_next())[0]  # OutOfRangeError ends the epoch
-        batch_bytes = tf.size(first, tf.int64) * spec.dtype.size
+        if batch_spec is None:
+            batch_bytes = tf.size(first, tf.int64) * spec.dtype.size
+            batch_size = tf.shape(first)[0]
+
+            def is_full(x):
+                return tf.equal(tf.shape(x)[0], batch_size)
+
+            def block_of(batches):
+                return batches.stack()
+
+            def batch_of(element):
+                return element
+        else:
+            from keras_aevb.data import AddressedBatches
+
+            source = AddressedBatches(table, batch_spec)
+            batch_bytes = tf.constant(
+                batch_spec.batch_size * math.prod(batch_spec.event_shape) * 4, tf.int64
+            )
+            batch_size = tf.constant(batch_spec.batch_size)
+            is_full = source.is_full
+
+            def block_of(addresses):
+                return source.materialize(addresses.stack())
+
+            batch_of = source.materialize_one
         # Blocks per execution, then equal block sizes, so every block compiles to one shape.
         blocks = tf.maximum(
             tf.cast(
@@ -269,7 +292,14 @@ def _make_block_runner(model, one_step, block_step, draw_noise):
         )
         block_size = (limit + blocks - 1) // blocks
         fetch = _bounded_fetch(iterator, limit)
-        batch_size = tf.shape(first)[0]
+
+        def step_by_step(batches, count, logs):
+            _, logs = tf.while_loop(
+                lambda i, logs: i < count,
+                lambda i, logs: (i + 1, one_step(batch_of(batches.read(i)))),
+                (tf.constant(0), logs),
+            )
+            return logs
 
         def collect(done, pending):
             """Reads up to block_size batches, starting with `pending` (which has a value)."""
@@ -284,7 +314,7 @@ def _make_block_runner(model, one_step, block_step, draw_noise):
 
             def body(n, batches, uniform, element):
                 x = tf.nest.flatten(element.get_value())[0]
-                uniform = uniform & tf.equal(tf.shape(x)[0], batch_size)
+                uniform = uniform & is_full(x)
                 n = n + 1
                 nxt = tf.cond(n < size, lambda: fetch(done + n), lambda: _empty_like(element))
                 return n, batches.write(n - 1, x), uniform, nxt
@@ -300,7 +330,7 @@ def _make_block_runner(model, one_step, block_step, draw_noise):
             n, batches, full = collect(done, pending)
             logs = tf.cond(
                 full,
-                lambda: xla_block(batches.stack(), draw_noise(n, batch_size)),
+                lambda: xla_block(block_of(batches), draw_noise(n, batch_size)),
                 lambda: step_by_step(batches, n, logs),
             )
             done = done + n

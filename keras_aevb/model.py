@@ -602,7 +602,8 @@ class AEVB(SavesGeneratorStates, keras.Model):
             # A dataset is shuffled by its own pipeline; Keras would warn that shuffle=True is
             # ignored on every call.
             shuffle = not isinstance(x, tf.data.Dataset)
-        with self._bounded_executions("train", x, batch_size, steps_per_epoch):
+        x, source = self._addressed_batches(x)
+        with self._bounded_executions("train", x, batch_size, steps_per_epoch, source):
             return super().fit(
                 x=x,
                 y=y,
@@ -651,14 +652,16 @@ class AEVB(SavesGeneratorStates, keras.Model):
         )
 
     @contextlib.contextmanager
-    def _bounded_executions(self, mode, x, batch_size, steps):
+    def _bounded_executions(self, mode, x, batch_size, steps, source=None):
         """Runs fit/evaluate with executions that stop at the epoch's `steps` (exact counts).
 
         Where the epoch's length is known and shorter than `steps_per_execution`, executions
-        are that long for this call, so progress bars count real steps.
+        are that long for this call, so progress bars count real steps. `source`: the
+        `AddressedBatches` whose addresses x yields (see `_addressed_batches`).
         """
         state = self._execution_state
         saved = dict(state), getattr(self, "steps_per_execution", 1)
+        state[f"{mode}_source"] = source
         state[f"{mode}_steps"] = None if steps is None else int(steps)
         state[f"{mode}_begin"] = 0
         if mode == "train":
@@ -672,6 +675,22 @@ class AEVB(SavesGeneratorStates, keras.Model):
             state.clear()
             state.update(saved[0])
             self.steps_per_execution = saved[1]
+
+    def _addressed_batches(self, x):
+        """`(data for Keras, source)`: a `make_dataset` stream as its batches' addresses.
+
+        Where the steps run in XLA blocks, the executions build each batch of a
+        `keras_aevb.data.make_dataset` stream from its address next to the steps
+        (`data.AddressedBatches`): the same batches, without tf.data building them on a
+        thread of its own that competes with the step for the CPU. Any other data: `(x, None)`.
+        """
+        addressed = getattr(x, "_keras_aevb_addressed", None)
+        if addressed is None or not (self._runs_lean_executions() and self._uses_xla_blocks()):
+            return x, None
+        source, addresses = addressed
+        if source.spec.event_shape != tuple(self.event_shape):
+            return x, None
+        return addresses, source
 
     def _with_cursor(self, callbacks):
         """Adds the `ExecutionCursor` that tells executions where the epoch stands."""
