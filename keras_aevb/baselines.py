@@ -21,8 +21,6 @@ from keras_aevb.posterior import stateless_seed
 
 tfd = tfp.distributions
 
-BOUND_METRICS = ("loss", "elbo", "reconstruction_log_likelihood", "kl")
-
 
 class _Baseline(AEVB):
     """AEVB's model and bound metrics with extra train-only metrics (`extra_metric_names`)."""

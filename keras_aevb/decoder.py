@@ -1,7 +1,6 @@
 """The generative model p_theta(x|z): dense decoders for binary and continuous data (App. C)."""
 
 import math
-import warnings
 
 import keras
 import numpy as np
@@ -273,11 +272,3 @@ class GaussianDecoder(_MLPDecoder):
                 "binarization='none'."
             )
         return None
-
-
-def warn_once(owner, message):
-    """Emits `message` as a UserWarning once per owner object (not once per batch)."""
-    seen = owner.__dict__.setdefault("_keras_aevb_warned", set())
-    if message and message not in seen:
-        seen.add(message)
-        warnings.warn(message, UserWarning, stacklevel=3)

@@ -1,6 +1,7 @@
 """`AEVB`: the variational auto-encoder trained with the SGVB lower bound (paper Algorithm 1)."""
 
 import contextlib
+import math
 import warnings
 
 import keras
@@ -30,6 +31,13 @@ METRIC_NAMES = ("loss", "elbo", "reconstruction_log_likelihood", "kl")
 # an execution at `steps_per_epoch` / `steps` (keras_aevb.execution), so the value never
 # changes how many steps run.
 DEFAULT_STEPS_PER_EXECUTION = 100
+
+
+# Batches of fewer values than this stay with tf.data in `fit`: on 2 CPU cores, building
+# batches next to the steps (`AEVB._addressed_batches`) was faster for the paper's MNIST model at
+# M = 100 and 1000 (78,400 and 784,000 values per batch) and slower at M = 20 (15,680), where a
+# batch's fixed costs weigh more than tf.data's thread beside the step (benchmarks/BENCHMARKS.md).
+_MIN_ADDRESSED_VALUES = 50_000
 
 
 @keras.saving.register_keras_serializable(package="keras_aevb")
@@ -682,13 +690,17 @@ class AEVB(SavesGeneratorStates, keras.Model):
         Where the steps run in XLA blocks, the executions build each batch of a
         `keras_aevb.data.make_dataset` stream from its address next to the steps
         (`data.AddressedBatches`): the same batches, without tf.data building them on a
-        thread of its own that competes with the step for the CPU. Any other data: `(x, None)`.
+        thread of its own that competes with the step for the CPU. Small batches stay with
+        tf.data (`_MIN_ADDRESSED_VALUES`), where its thread runs beside the step for free.
+        Any other data: `(x, None)`.
         """
         addressed = getattr(x, "_keras_aevb_addressed", None)
         if addressed is None or not (self._runs_lean_executions() and self._uses_xla_blocks()):
             return x, None
         source, addresses = addressed
         if source.spec.event_shape != tuple(self.event_shape):
+            return x, None
+        if source.spec.batch_size * math.prod(source.spec.event_shape) < _MIN_ADDRESSED_VALUES:
             return x, None
         return addresses, source
 

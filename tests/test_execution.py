@@ -178,6 +178,8 @@ def test_make_dataset_batches_are_built_inside_the_execution(monkeypatch, repeat
         return materialize(self, addresses)
 
     monkeypatch.setattr(data_lib.AddressedBatches, "materialize", counting)
+    # These batches are small: below the size from which fit builds them itself (measured).
+    monkeypatch.setattr(keras_aevb.model, "_MIN_ADDRESSED_VALUES", 0)
     fit_kwargs = {"steps_per_epoch": 9} if repeat else {}
     runs = []
     for addressed in (False, True):
@@ -194,6 +196,18 @@ def test_make_dataset_batches_are_built_inside_the_execution(monkeypatch, repeat
     for a, b in zip(runs[0][0].get_weights(), runs[1][0].get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
     assert runs[0][1]["loss"] == runs[1][1]["loss"]
+
+
+def test_small_batches_stay_with_tf_data():
+    from keras_aevb import data as data_lib
+
+    model = tiny_model()
+    model.compile(optimizer=keras_aevb.paper_optimizer())
+    small = data_lib.make_dataset(np.zeros((64, *EVENT), "float32"), 16, "dynamic")
+    assert model._addressed_batches(small) == (small, None)
+    large = data_lib.make_dataset(np.zeros((64, *EVENT), "float32"), 64, "dynamic")
+    large_enough = 64 * int(np.prod(EVENT)) >= keras_aevb.model._MIN_ADDRESSED_VALUES
+    assert (model._addressed_batches(large)[1] is not None) == large_enough
 
 
 def test_evaluate_runs_exactly_the_steps_asked(binary_data):
