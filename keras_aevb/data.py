@@ -646,31 +646,24 @@ class AddressedBatches:
         order is computed once per epoch seed met, not once per batch.
         """
         k = tf.shape(addresses)[0]
-        batches = tf.TensorArray(
-            tf.float32, size=k, element_shape=[self.spec.batch_size, *self.spec.event_shape]
-        )
-        if not self.spec.shuffle:
+        shuffle = self.spec.shuffle
 
-            def body(j, batches):
-                address = addresses[j]
-                return j + 1, batches.write(j, self.batch(None, address[2], address[4]))
-
-            _, batches = tf.while_loop(lambda j, _: j < k, body, (tf.constant(0), batches))
-            return batches.stack()
-
-        def shuffled_body(j, order, seed, batches):
+        def body(j, order, seed, batches):
             address = addresses[j]
-            order = tf.cond(
-                tf.reduce_all(address[:2] == seed), lambda: order, lambda: self.order(address)
-            )
-            batch = self.batch(order, address[2], address[4])
+            if shuffle:
+                order = tf.cond(
+                    tf.reduce_all(address[:2] == seed), lambda: order, lambda: self.order(address)
+                )
+            batch = self.batch(order if shuffle else None, address[2], address[4])
             return j + 1, order, address[:2], batches.write(j, batch)
 
         first = addresses[0]
+        order = self.order(first) if shuffle else tf.zeros([0], tf.int32)  # unused unshuffled
+        batches = tf.TensorArray(
+            tf.float32, size=k, element_shape=[self.spec.batch_size, *self.spec.event_shape]
+        )
         _, _, _, batches = tf.while_loop(
-            lambda j, *_: j < k,
-            shuffled_body,
-            (tf.constant(0), self.order(first), first[:2], batches),
+            lambda j, *_: j < k, body, (tf.constant(0), order, first[:2], batches)
         )
         return batches.stack()
 

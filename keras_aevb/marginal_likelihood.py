@@ -138,6 +138,7 @@ def _log_weight_chunk_fn(model):
     @tf.function(reduce_retracing=True)
     def step(x, params, num_samples, chunk, seed):
         chunks = (num_samples + chunk - 1) // chunk
+        reference = params[model.posterior_layer.param_names[0]]
 
         def body(i, lse):
             start = i * chunk
@@ -147,7 +148,7 @@ def _log_weight_chunk_fn(model):
         _, lse = tf.while_loop(
             lambda i, lse: i < chunks,
             body,
-            (tf.constant(0), tf.TensorArray(next(iter(params.values())).dtype, size=chunks)),
+            (tf.constant(0), tf.TensorArray(reference.dtype, size=chunks)),
         )
         return lse.stack()
 
