@@ -39,41 +39,21 @@ import traceback
 import zipfile
 from pathlib import Path
 
+from keras_aevb import config as config_lib  # the standard library only
 from keras_aevb._io import RunWriteError  # the standard library only
+from keras_aevb.config import (
+    BINARIZATIONS,
+    DATASETS,
+)
+from keras_aevb.config import parse_positive_int as _positive_int
 from keras_aevb.version import __version__
 
 PROG = "keras-aevb"
 
-# The choices the parser lists. They are spelled here rather than read from the library because
-# the library's tables (keras_aevb.families.FAMILIES, keras_aevb.prior.PRIORS, training's
-# tuples) import TensorFlow; tests/test_cli.py checks that both lists agree.
-# keras_aevb.data and keras_aevb.plotting import NumPy (a tenth of a second), so these are
-# spelled here too: --help and argument errors need neither module.
-DATASETS = ("mnist", "frey_face")
-BINARIZATIONS = ("dynamic", "static", "threshold", "none")
+# The choices the parser lists come from keras_aevb.config (the standard library only), so
+# that --help and argument errors need neither TensorFlow nor NumPy.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")  # plotting.IMAGE_FORMATS
 FIGURE_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg", ".tif", ".tiff", ".eps")
-POSTERIORS = (
-    "normal",
-    "laplace",
-    "logistic",
-    "student_t",
-    "cauchy",
-    "gumbel",
-    "exponential",
-    "gamma",
-    "chi2",
-    "log_normal",
-    "weibull",
-    "uniform",
-    "beta",
-    "kumaraswamy",
-)
-PRIOR_NAMES = ("standard_normal", *POSTERIORS)
-DECODERS = ("auto", "bernoulli", "gaussian")
-OPTIMIZERS = ("adagrad", "adam")
-METHODS = ("aevb", "wake_sleep", "mcem")
-STRATEGIES = ("default", "mirrored", "multi_worker")
 FIGURES = ("fig2", "fig3", "fig4", "fig5")  # keras_aevb.reproduce.FIGURES
 
 # Caps on what a request can make the program allocate (DESIGN 6b). A picture of MAX_SAMPLES
@@ -107,42 +87,6 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message}; see {self.prog} --help")
 
 
-def _learning_rate(text):
-    if text == "auto":
-        return "auto"
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"must be 'auto' or a positive number, got {text!r}"
-        ) from None
-    if not value > 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be positive and finite, got {text!r}")
-    return value
-
-
-def _hidden_units(text):
-    try:
-        units = tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"must be a size or comma-separated sizes (e.g. 500 or 500,500), got {text!r}"
-        ) from None
-    if not units or min(units) < 1:
-        raise argparse.ArgumentTypeError(f"sizes must be positive, got {text!r}")
-    return units
-
-
-def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
-
-
 def _capped_int(cap):
     """An argparse type: an integer from 1 to `cap` (a resource cap, stated in --help)."""
 
@@ -169,16 +113,6 @@ def _example_count(text):
     if not math.isfinite(value) or value < 1 or value != int(value):
         raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text!r}")
     return int(value)
-
-
-def _nonnegative_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
-    return value
 
 
 def _nonnegative_int(text):
@@ -480,7 +414,8 @@ def _start_tensorflow(show):
 
 
 def check_train(args):
-    _check_data_files(args.dataset, args.data_dir, ("train", "test"))
+    args.config = train_config(args)
+    _check_data_files(args.config.dataset, args.config.data_dir, ("train", "test"))
 
 
 def _check_model_and_data(args, splits):
@@ -562,42 +497,43 @@ def cmd_reproduce(args):
     return 0
 
 
+def _add_config_flags(parser):
+    """One flag per `TrainConfig` field, its default and help read from the field.
+
+    The parser's defaults are left unset (argparse.SUPPRESS) so that `train_config` can tell a
+    flag given from a default: a given flag overrides the preset, a default does not."""
+    groups = {}
+    for field in config_lib.cli_fields():
+        meta = field.metadata
+        flag = meta.get("flag", "--" + field.name.replace("_", "-"))
+        kwargs = {
+            "dest": field.name,
+            "default": argparse.SUPPRESS,
+            "help": f"{meta['help']} (default: {config_lib.default_text(field)})",
+        }
+        for key in ("type", "choices", "metavar", "action", "required"):
+            if key in meta:
+                kwargs[key] = meta[key]
+        group = meta.get("group")
+        if group is not None and group not in groups:
+            groups[group] = parser.add_mutually_exclusive_group()
+        (parser if group is None else groups[group]).add_argument(flag, **kwargs)
+
+
+def train_config(args):
+    """The `TrainConfig` of a parsed `train` command: the preset, then the flags given."""
+    given = {
+        f.name: getattr(args, f.name) for f in config_lib.cli_fields() if hasattr(args, f.name)
+    }
+    if args.preset is None:
+        return config_lib.TrainConfig(**given)
+    return config_lib.TrainConfig.from_preset(args.preset, **given)
+
+
 def cmd_train(args):
     from keras_aevb import training
 
-    config = training.TrainConfig(
-        dataset=args.dataset,
-        output=args.output,
-        data_dir=args.data_dir,
-        latent_dim=args.latent_dim,
-        hidden_units=args.hidden_units,
-        decoder=args.decoder,
-        posterior=args.posterior,
-        prior=args.prior,
-        estimator=args.estimator,
-        num_samples=args.num_samples,
-        batch_size=args.batch_size,
-        epochs=args.epochs,
-        max_examples=args.max_examples,
-        examples_per_epoch=args.examples_per_epoch,
-        train_examples=args.train_examples,
-        test_examples=args.test_examples,
-        optimizer=args.optimizer,
-        learning_rate=args.learning_rate,
-        lr_search_steps=args.lr_search_steps,
-        weight_decay=args.weight_decay,
-        binarization=args.binarization,
-        seed=args.seed,
-        gradient=args.gradient,
-        beta=args.beta,
-        kl_warmup=args.kl_warmup,
-        free_bits=args.free_bits,
-        method=args.method,
-        strategy=args.strategy,
-        verbose=args.verbose,
-        tensorboard=not args.no_tensorboard,
-    )
-    training.train(config)
+    training.train(args.config)
     return 0
 
 
@@ -956,114 +892,18 @@ def build_parser():
         "its step size chosen from {0.01, 0.02, 0.1} by the bound after the first steps, "
         "M=100, L=1, weight decay 1/N (the N(0, I) weight prior). Writes model.keras, "
         "config.json, history.csv, checkpoints/ and logs/ (TensorBoard) into --output; "
-        "rerunning the same command on that directory resumes after the last finished epoch.",
-    )
-    p.add_argument("--dataset", required=True, choices=DATASETS)
-    p.add_argument("--data-dir", help="directory with the data files (see `evaluate -h`)")
-    p.add_argument("--output", required=True, metavar="RUN_DIR", help="the run directory")
-    p.add_argument("--latent-dim", type=_positive_int, default=20, help="N_z (default 20)")
-    p.add_argument(
-        "--hidden-units",
-        type=_hidden_units,
-        help="hidden layer size(s), e.g. 500 or 500,500 (default: 500 MNIST, 200 Frey Face)",
+        "rerunning the same command on that directory resumes after the last finished epoch. "
+        "Every flag is a field of keras_aevb.config.TrainConfig.",
     )
     p.add_argument(
-        "--decoder",
-        choices=DECODERS,
-        default="auto",
-        help="auto: Bernoulli for MNIST, Gaussian for Frey Face",
+        "--preset",
+        choices=tuple(config_lib.PRESETS),
+        help="a named set of defaults that the other flags override: paper (Kingma & Welling, "
+        "section 5: the defaults below) or iwae (Burda et al.'s protocol: 784-200-200-50, "
+        "batch 20, k = 5, iwae_adam, 3,280 passes; pass --epochs for a shortened schedule) "
+        "(default: none, the defaults below)",
     )
-    p.add_argument("--posterior", choices=POSTERIORS, default="normal")
-    p.add_argument("--prior", choices=PRIOR_NAMES, default="standard_normal")
-    p.add_argument(
-        "--estimator",
-        choices=("auto", "analytic_kl", "monte_carlo", "iwae"),
-        default="auto",
-        help="SGVB estimator B (analytic_kl, eq. 7) or A (monte_carlo, eq. 6); auto: B where "
-        "the KL has a closed form (the paper's choice); iwae: train on the importance-weighted "
-        "bound with k = --num-samples (Burda et al.)",
-    )
-    p.add_argument(
-        "--gradient",
-        choices=("reparameterization", "dreg"),
-        default="reparameterization",
-        help="dreg: the doubly-reparameterized encoder gradient (Tucker et al.), with "
-        "--estimator iwae",
-    )
-    p.add_argument("--num-samples", type=_positive_int, default=1, help="L (default 1)")
-    p.add_argument("--batch-size", type=_positive_int, default=100, help="M (default 100)")
-    length = p.add_mutually_exclusive_group()
-    length.add_argument("--epochs", type=_positive_int, help="passes over the data (default 10)")
-    length.add_argument(
-        "--max-examples",
-        type=_positive_int,
-        help="stop after this many training examples (the x axis of the paper's Fig. 2)",
-    )
-    p.add_argument(
-        "--examples-per-epoch",
-        type=_positive_int,
-        help="examples between test evaluations (default: one pass over the training set)",
-    )
-    p.add_argument(
-        "--train-examples", type=_positive_int, help="use only the first N training examples"
-    )
-    p.add_argument("--test-examples", type=_positive_int, help="use only the first N test examples")
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adagrad")
-    p.add_argument(
-        "--learning-rate",
-        type=_learning_rate,
-        default="auto",
-        help="a number, or auto (default): the best bound after --lr-search-steps steps among "
-        "0.01, 0.02, 0.1 (Adagrad) or 3e-4, 1e-3, 3e-3 (Adam)",
-    )
-    p.add_argument(
-        "--lr-search-steps",
-        type=_positive_int,
-        default=200,
-        help="steps per candidate of --learning-rate auto (default 200)",
-    )
-    p.add_argument(
-        "--weight-decay",
-        type=float,
-        help="precision of the N(0, I) weight prior per datapoint (default 1/N)",
-    )
-    p.add_argument(
-        "--binarization",
-        choices=BINARIZATIONS,
-        help="default: dynamic for MNIST, none for Frey Face",
-    )
-    p.add_argument("--seed", type=int, default=0, help="default 0")
-    p.add_argument(
-        "--beta",
-        type=_nonnegative_float,
-        default=1.0,
-        help="weight of the KL term in the objective (default 1: the paper's bound); the "
-        "reported elbo stays the true bound",
-    )
-    p.add_argument(
-        "--kl-warmup",
-        type=_positive_int,
-        metavar="STEPS",
-        help="raise the KL weight linearly from 0 to --beta over this many steps",
-    )
-    p.add_argument(
-        "--free-bits",
-        type=_nonnegative_float,
-        default=0.0,
-        metavar="LAMBDA",
-        help="floor of each latent dimension's KL in the objective, nats (default 0: none)",
-    )
-    p.add_argument("--method", choices=METHODS, default="aevb")
-    p.add_argument("--strategy", choices=STRATEGIES, default="default")
-    p.add_argument(
-        "--verbose",
-        type=int,
-        choices=(0, 1, 2),
-        default=1,
-        help="0 silent, 1 progress bar (default), 2 one line per epoch and TensorFlow's "
-        "start-up logs",
-    )
-    p.add_argument("--no-tensorboard", action="store_true", help="do not write logs/")
+    _add_config_flags(p)
     p.set_defaults(func=cmd_train, check=check_train)
 
     # ---- evaluate

@@ -1,8 +1,21 @@
-"""Adagrad as the paper uses it, in TensorFlow's fused kernel (paper section 5, Duchi et al.)."""
+"""The optimizers of the protocols the package reproduces.
+
+`FusedAdagrad`: Adagrad as Kingma & Welling use it (section 5; Duchi et al.), in TensorFlow's
+fused kernel. `iwae_adam` and `IWAELearningRate`: Adam and its step-size schedule as Burda,
+Grosse & Salakhutdinov train the importance-weighted autoencoder (2015, section 5).
+"""
 
 import keras
 import tensorflow as tf
 from keras import ops
+
+__all__ = ["FusedAdagrad", "IWAELearningRate", "iwae_adam"]
+
+# Burda et al.'s stages: 3^i passes over the data at the rate 1e-3 * 10^(-i/7), i = 0..7. Their
+# released code (yburda/iwae, experiments.py) rounds each factor to one decimal:
+# 1e-4 * round(10^(1 - i/7), 1).
+IWAE_STAGE_FACTORS = tuple(round(10 ** (1 - i / 7), 1) / 10 for i in range(8))
+IWAE_STAGE_PASSES = tuple(3**i for i in range(8))  # 3,280 passes in all
 
 
 @keras.saving.register_keras_serializable(package="keras_aevb")
@@ -79,3 +92,59 @@ class FusedAdagrad(keras.optimizers.Adagrad):
 def _tf_variable(variable):
     """The `tf.Variable` behind a Keras variable (or the variable itself)."""
     return variable.value if isinstance(variable, keras.Variable) else variable
+
+
+@keras.saving.register_keras_serializable(package="keras_aevb")
+class IWAELearningRate(keras.optimizers.schedules.LearningRateSchedule):
+    """Burda et al.'s step-size schedule, per optimizer step t:
+
+        rate(t) = initial_learning_rate * f_i   while   P_i <= t / steps_per_pass < P_{i+1},
+
+    with P_i = 3^0 + ... + 3^(i-1) passes over the data and f_i = round(10^(1 - i/7), 1) / 10
+    (1, 0.72, 0.52, ..., 0.1), i = 0..7; after the last stage (3,280 passes) the rate stays at
+    its last value. Step t = 0 is the first.
+
+    Reference: Burda, Grosse & Salakhutdinov, "Importance Weighted Autoencoders",
+    arXiv:1509.00519, section 5.
+    """
+
+    def __init__(self, steps_per_pass, initial_learning_rate=1e-3):
+        if int(steps_per_pass) < 1:
+            raise ValueError(f"steps_per_pass must be a positive integer, got {steps_per_pass!r}")
+        self.steps_per_pass = int(steps_per_pass)
+        self.initial_learning_rate = float(initial_learning_rate)
+        ends, total = [], 0
+        for passes in IWAE_STAGE_PASSES[:-1]:
+            total += passes
+            ends.append(total * self.steps_per_pass)
+        self._stage_ends = tuple(ends)  # the first step of stages 1..7
+
+    def __call__(self, step):
+        step = ops.cast(step, "int64")
+        stage = ops.sum(ops.cast(ops.greater_equal(step, self._stage_ends), "int32"))
+        rates = ops.convert_to_tensor(
+            [self.initial_learning_rate * f for f in IWAE_STAGE_FACTORS], dtype="float32"
+        )
+        return ops.take(rates, stage)
+
+    def get_config(self):
+        return {
+            "steps_per_pass": self.steps_per_pass,
+            "initial_learning_rate": self.initial_learning_rate,
+        }
+
+
+def iwae_adam(steps_per_pass, learning_rate=1e-3):
+    """Adam as Burda et al. train the IWAE: beta_1 = 0.99, beta_2 = 0.999, epsilon = 1e-4
+    (their released code's values; the paper's text says beta_1 = 0.9), on the schedule
+    `IWAELearningRate(steps_per_pass, learning_rate)`.
+
+    Keras's Adam is their update, bias corrections included; the one difference is that their
+    code starts the second moments at 1 instead of 0 (smaller first steps).
+    """
+    return keras.optimizers.Adam(
+        learning_rate=IWAELearningRate(steps_per_pass, learning_rate),
+        beta_1=0.99,
+        beta_2=0.999,
+        epsilon=1e-4,
+    )

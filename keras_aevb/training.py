@@ -59,6 +59,7 @@ import tensorflow as tf
 from keras_aevb import _io, execution
 from keras_aevb import data as data_lib
 from keras_aevb._io import atomic_write
+from keras_aevb.config import DECODERS, METHODS, OPTIMIZERS, STRATEGIES, TrainConfig
 from keras_aevb.version import __version__
 
 __all__ = [
@@ -80,15 +81,16 @@ __all__ = [
 ]
 
 HISTORY_COLUMNS = ("epoch", "examples_seen", "seconds", "train_elbo", "test_elbo")
-METHODS = ("aevb", "wake_sleep", "mcem")
-OPTIMIZERS = ("adagrad", "adam")
-STRATEGIES = ("default", "mirrored", "multi_worker")
-DECODERS = ("auto", "bernoulli", "gaussian")
 
 # The paper (section 5): "Stepsizes were adapted with Adagrad [...]; the Adagrad global stepsize
 # parameters were chosen from {0.01, 0.02, 0.1} based on performance on the training set in the
-# first few iterations." Adam is not the paper's; its candidates bracket its usual 1e-3.
-LEARNING_RATE_CANDIDATES = {"adagrad": (0.01, 0.02, 0.1), "adam": (3e-4, 1e-3, 3e-3)}
+# first few iterations." Adam is not the paper's; its candidates bracket its usual 1e-3. Burda
+# et al. start their schedule at 1e-3 without a search: one candidate, nothing to compare.
+LEARNING_RATE_CANDIDATES = {
+    "adagrad": (0.01, 0.02, 0.1),
+    "adam": (3e-4, 1e-3, 3e-3),
+    "iwae_adam": (1e-3,),
+}
 
 # Settings that may change between a run and its resumption: they say how long or where to run,
 # not what is trained. Every other setting must match the run directory's config.json.
@@ -102,6 +104,7 @@ _RESUMABLE_CHANGES = frozenset(
         "verbose",
         "strategy",
         "tensorboard",
+        "preset",  # what the settings started from; the settings themselves are compared
     }
 )
 
@@ -112,80 +115,6 @@ TEST_DRAW_SEED_OFFSET = 0
 
 # Examples of the training set on which the step-size candidates are compared.
 _LR_EVAL_EXAMPLES = 1000
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    """Every setting of a training run (the CLI's `train` flags; see `keras-aevb train -h`).
-
-    Attributes:
-        dataset: "mnist" or "frey_face".
-        output: the run directory.
-        data_dir: where the data files are; None: `keras_aevb.data.default_data_dir`.
-        latent_dim: N_z (J in the paper).
-        hidden_units: hidden layer sizes; None: the paper's (500 MNIST, 200 Frey Face).
-        decoder: "bernoulli", "gaussian" or "auto" (Bernoulli for MNIST, Gaussian for Frey Face).
-        posterior, prior: names in `keras_aevb.FAMILIES` and `keras_aevb.PRIORS`.
-        estimator: "analytic_kl" (SGVB estimator B, eq. 7), "monte_carlo" (A, eq. 6), "auto", or
-            "iwae" (the importance-weighted bound with k = num_samples as the objective).
-        gradient: "reparameterization", or "dreg" (Tucker et al.'s encoder gradient, with iwae).
-        num_samples: L, samples of z per datapoint.
-        batch_size: M.
-        epochs: passes over the training set; exclusive with `max_examples`.
-        max_examples: cap on the examples seen in training (the x axis of Fig. 2).
-        examples_per_epoch: examples between two test evaluations (history rows); default one
-            pass over the training set. Smaller values give more points on the Fig. 2 curve.
-        train_examples, test_examples: use only the first n examples of each split.
-        optimizer: "adagrad" (the paper's, accumulator starting at 0) or "adam".
-        learning_rate: a float, or "auto": chosen from `lr_candidates` by the bound on the
-            training set after `lr_search_steps` steps from the same initialization.
-        weight_decay: per-datapoint precision of the N(0, I) weight prior; None: 1/N, the
-            paper's MAP prior with N = the number of training examples used.
-        binarization: one of `keras_aevb.data.BINARIZATIONS`; None: the data set's default
-            (dynamic for MNIST, none for Frey Face).
-        seed: seeds the initialization, the data order, the binarization and the noise.
-        beta: the KL term's weight in the objective (1: the paper's bound).
-        kl_warmup: steps of linear KL warm-up from 0 to `beta` (None: none;
-            `keras_aevb.schedules.LinearWarmup`).
-        free_bits: nats per latent dimension below which the KL is not pushed down (Kingma et
-            al., 2016); 0: none.
-        method: "aevb", or the baselines "wake_sleep" and "mcem" (`keras_aevb.baselines`).
-        strategy: "default", "mirrored" or "multi_worker" (`tf.distribute`).
-        verbose: Keras's fit verbosity (0 silent, 1 progress bar, 2 one line per epoch).
-        tensorboard: write TensorBoard logs (scalars and image grids) under `output/logs`.
-    """
-
-    dataset: str = "mnist"
-    output: str | None = None
-    data_dir: str | None = None
-    latent_dim: int = 20
-    hidden_units: tuple[int, ...] | None = None
-    decoder: str = "auto"
-    posterior: str = "normal"
-    prior: str = "standard_normal"
-    estimator: str = "auto"
-    gradient: str = "reparameterization"
-    num_samples: int = 1
-    batch_size: int = 100
-    epochs: int | None = None
-    max_examples: int | None = None
-    examples_per_epoch: int | None = None
-    train_examples: int | None = None
-    test_examples: int | None = None
-    optimizer: str = "adagrad"
-    learning_rate: float | str = "auto"
-    lr_candidates: tuple[float, ...] | None = None
-    lr_search_steps: int = 200
-    weight_decay: float | None = None
-    binarization: str | None = None
-    seed: int = 0
-    beta: float = 1.0
-    kl_warmup: int | None = None
-    free_bits: float = 0.0
-    method: str = "aevb"
-    strategy: str = "default"
-    verbose: int = 1
-    tensorboard: bool = True
 
 
 @dataclasses.dataclass
@@ -330,14 +259,21 @@ def _chief_value(strategy, value):
     return float(chief_total().numpy())
 
 
-def make_optimizer(name, learning_rate):
-    """The optimizer: "adagrad" is the paper's (`keras_aevb.paper_optimizer`), or "adam"."""
+def make_optimizer(name, learning_rate, steps_per_pass=None):
+    """The optimizer: "adagrad" is the paper's (`keras_aevb.paper_optimizer`), "adam", or
+    "iwae_adam", Burda et al.'s (`keras_aevb.optimizers.iwae_adam`), whose learning-rate
+    schedule starts at `learning_rate` and counts passes of `steps_per_pass` steps."""
+    from keras_aevb.optimizers import iwae_adam
     from keras_aevb.paper import paper_optimizer
 
     if name == "adagrad":
         return paper_optimizer(float(learning_rate))
     if name == "adam":
         return keras.optimizers.Adam(float(learning_rate))
+    if name == "iwae_adam":
+        if steps_per_pass is None:
+            raise ValueError("iwae_adam's schedule counts passes: pass steps_per_pass")
+        return iwae_adam(steps_per_pass, float(learning_rate))
     raise ValueError(f"unknown optimizer {name!r}; use one of {', '.join(OPTIMIZERS)}")
 
 
@@ -401,6 +337,11 @@ def _check_settings(config: TrainConfig):
         raise ValueError(
             f"--beta, --kl-warmup and --free-bits change AEVB's objective; --method "
             f"{config.method} trains by its own rule: drop them"
+        )
+    if config.optimizer == "iwae_adam" and config.lr_candidates and len(config.lr_candidates) > 1:
+        raise ValueError(
+            "iwae_adam follows its schedule from one starting step size: give lr_candidates "
+            "one value, or --learning-rate"
         )
     if config.weight_decay is not None and not config.weight_decay >= 0:
         raise ValueError(f"weight_decay must be >= 0, got {config.weight_decay!r}")
@@ -1365,9 +1306,12 @@ def _train(config: TrainConfig, print_fn, lock) -> TrainResult:
 
     # ---- step size
     lr_bounds = None
+    candidates = tuple(config.lr_candidates or LEARNING_RATE_CANDIDATES[config.optimizer])
     if state is not None or (previous_config and "learning_rate_used" in previous_config):
         learning_rate = float(previous_config["learning_rate_used"])
         lr_bounds = previous_config.get("learning_rate_search")
+    elif config.learning_rate == "auto" and len(candidates) == 1:
+        learning_rate = candidates[0]
     elif config.learning_rate == "auto":
         eval_x = _fixed_subset(train_x, train_info, _LR_EVAL_EXAMPLES, config.seed)
         learning_rate, bounds = select_learning_rate(
@@ -1376,7 +1320,7 @@ def _train(config: TrainConfig, print_fn, lock) -> TrainResult:
             training_dataset,
             eval_x,
             optimizer=config.optimizer,
-            candidates=config.lr_candidates,
+            candidates=candidates,
             steps=config.lr_search_steps,
             seed=config.seed,
             batch_size=config.batch_size,
@@ -1393,7 +1337,8 @@ def _train(config: TrainConfig, print_fn, lock) -> TrainResult:
     with strategy.scope():
         model = build()
         model.set_weights(initial_weights)
-        model.compile(optimizer=make_optimizer(config.optimizer, learning_rate))
+        steps_per_pass = math.ceil(num_train / config.batch_size)
+        model.compile(optimizer=make_optimizer(config.optimizer, learning_rate, steps_per_pass))
         initial_epoch, rows = 0, []
         if state is not None:
             model.optimizer.build(model.trainable_variables)

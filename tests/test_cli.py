@@ -855,21 +855,23 @@ def test_plot_out_suffix_names_the_format(tmp_path, trained_run, suffix, magic):
 
 
 def test_choice_lists_match_the_library():
-    # The parser lists the choices itself, so that --help needs no TensorFlow (nor NumPy).
-    from keras_aevb import cli, data, plotting, reproduce
+    # The parser's choices come from keras_aevb.config (the standard library only), so that
+    # --help needs no TensorFlow (nor NumPy); they must be the library's own tables.
+    from keras_aevb import cli, config, data, plotting, reproduce
     from keras_aevb.families import FAMILIES
     from keras_aevb.prior import PRIORS
 
-    assert cli.POSTERIORS == tuple(FAMILIES)
-    assert cli.PRIOR_NAMES == tuple(PRIORS)
+    assert config.POSTERIORS == tuple(FAMILIES)
+    assert config.PRIOR_NAMES == tuple(PRIORS)
     assert cli.FIGURES == reproduce.FIGURES
-    assert (cli.DECODERS, cli.OPTIMIZERS, cli.METHODS, cli.STRATEGIES) == (
+    assert (config.DECODERS, config.OPTIMIZERS, config.METHODS, config.STRATEGIES) == (
         training.DECODERS,
         training.OPTIMIZERS,
         training.METHODS,
         training.STRATEGIES,
     )
-    assert (cli.DATASETS, cli.BINARIZATIONS) == (data.DATASETS, data.BINARIZATIONS)
+    assert tuple(training.LEARNING_RATE_CANDIDATES) == config.OPTIMIZERS
+    assert (config.DATASETS, config.BINARIZATIONS) == (data.DATASETS, data.BINARIZATIONS)
     assert cli.IMAGE_SUFFIXES == tuple(plotting.IMAGE_FORMATS)
     assert cli.FIGURE_SUFFIXES == tuple(plotting.FIGURE_FORMATS)
 

@@ -1,0 +1,328 @@
+"""Every setting of a training run, in one place: `TrainConfig`, its choices and its presets.
+
+`TrainConfig` is the single source of the settings' defaults and their documentation: the
+`keras-aevb train` command builds its flags, their defaults and their help from these fields
+(`cli_fields`), and `TrainConfig`'s docstring lists them. A preset is a named set of fields
+(`PRESETS`); flags or keywords given beside it win:
+
+    config = TrainConfig.from_preset("iwae", output="runs/iwae_k5", epochs=40)
+
+Standard library only, so that `keras-aevb --help` answers before TensorFlow is imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+
+__all__ = [
+    "BINARIZATIONS",
+    "DATASETS",
+    "DECODERS",
+    "METHODS",
+    "OPTIMIZERS",
+    "POSTERIORS",
+    "PRESETS",
+    "PRIOR_NAMES",
+    "STRATEGIES",
+    "TrainConfig",
+    "cli_fields",
+    "default_text",
+]
+
+# Spelled here rather than read from the library, whose tables import NumPy or TensorFlow;
+# tests/test_cli.py checks that they agree (keras_aevb.data, .families.FAMILIES, .prior.PRIORS).
+DATASETS = ("mnist", "frey_face")
+BINARIZATIONS = ("dynamic", "static", "threshold", "none")
+POSTERIORS = (
+    "normal",
+    "laplace",
+    "logistic",
+    "student_t",
+    "cauchy",
+    "gumbel",
+    "exponential",
+    "gamma",
+    "chi2",
+    "log_normal",
+    "weibull",
+    "uniform",
+    "beta",
+    "kumaraswamy",
+)
+PRIOR_NAMES = ("standard_normal", *POSTERIORS)
+DECODERS = ("auto", "bernoulli", "gaussian")
+OPTIMIZERS = ("adagrad", "adam", "iwae_adam")
+METHODS = ("aevb", "wake_sleep", "mcem")
+STRATEGIES = ("default", "mirrored", "multi_worker")
+ESTIMATORS = ("auto", "analytic_kl", "monte_carlo", "iwae")
+GRADIENTS = ("reparameterization", "dreg")
+
+# Named sets of settings. "paper" is Kingma & Welling's protocol (section 5): the defaults.
+# "iwae" is Burda, Grosse & Salakhutdinov's (2015, section 5, and their released code, where
+# the values below are read): 784-200-200-50 tanh, dynamic binarization, batch 20, the first
+# 59,600 training images (the last 400 are their validation set), no weight prior, Adam with
+# beta_1 = 0.99, epsilon = 1e-4 and 3^i passes at 1e-3 * 10^(-i/7), i = 0..7 (3,280 passes,
+# `keras_aevb.optimizers.IWAELearningRate`), k = 5 samples in the importance-weighted bound.
+PRESETS = {
+    "paper": {},
+    "iwae": {
+        "dataset": "mnist",
+        "latent_dim": 50,
+        "hidden_units": (200, 200),
+        "estimator": "iwae",
+        "num_samples": 5,
+        "batch_size": 20,
+        "epochs": 3280,
+        "train_examples": 59_600,
+        "optimizer": "iwae_adam",
+        "weight_decay": 0.0,
+        "binarization": "dynamic",
+    },
+}
+
+
+# -------------------------------------------------------------------- flag value parsers
+
+
+def parse_positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def parse_nonnegative_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
+
+
+def parse_learning_rate(text):
+    if text == "auto":
+        return "auto"
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be 'auto' or a positive number, got {text!r}"
+        ) from None
+    if not value > 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be positive and finite, got {text!r}")
+    return value
+
+
+def parse_hidden_units(text):
+    try:
+        units = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be a size or comma-separated sizes (e.g. 500 or 500,500), got {text!r}"
+        ) from None
+    if not units or min(units) < 1:
+        raise argparse.ArgumentTypeError(f"sizes must be positive, got {text!r}")
+    return units
+
+
+# -------------------------------------------------------------------- the settings
+
+
+def _setting(default, help, **cli):
+    """A field with its documentation and how the CLI spells it.
+
+    cli: `type` (a parser of the flag's text), `choices`, `metavar`, `flag` (other than
+    --field-name), `action`, `required`, `group` (a mutually exclusive group's name),
+    `default_text` (the default as --help states it, where the value alone says too little),
+    `cli=False` (set from Python only).
+    """
+    return dataclasses.field(default=default, metadata={"help": help, **cli})
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Every setting of a training run (`keras_aevb.training.train`; `keras-aevb train -h`).
+
+    Construct it with keywords (`TrainConfig(dataset="mnist", output="runs/nz20")`), or from a
+    named preset with `TrainConfig.from_preset`.
+    """
+
+    dataset: str = _setting("mnist", "the data set", choices=DATASETS)
+    output: str | None = _setting(
+        None, "the run directory", metavar="RUN_DIR", required=True, default_text="none"
+    )
+    data_dir: str | None = _setting(
+        None,
+        "directory with the data files",
+        default_text="keras_aevb.data.default_data_dir(): $KERAS_AEVB_DATA, else ../shared/data",
+    )
+    latent_dim: int = _setting(
+        20, "N_z, the latent dimension (J in the paper)", type=parse_positive_int
+    )
+    hidden_units: tuple[int, ...] | None = _setting(
+        None,
+        "hidden layer size(s) of the encoder and of the decoder, e.g. 500 or 500,500",
+        type=parse_hidden_units,
+        default_text="the paper's: 500 MNIST, 200 Frey Face",
+    )
+    decoder: str = _setting(
+        "auto", "p(x|z); auto: Bernoulli for MNIST, Gaussian for Frey Face", choices=DECODERS
+    )
+    posterior: str = _setting(
+        "normal", "the family of q(z|x) (keras_aevb.FAMILIES)", choices=POSTERIORS
+    )
+    prior: str = _setting("standard_normal", "p(z) (keras_aevb.PRIORS)", choices=PRIOR_NAMES)
+    estimator: str = _setting(
+        "auto",
+        "SGVB estimator B (analytic_kl, eq. 7) or A (monte_carlo, eq. 6); auto: B where the KL "
+        "has a closed form (the paper's choice); iwae: the importance-weighted bound with "
+        "k = --num-samples as the objective (Burda et al.)",
+        choices=ESTIMATORS,
+    )
+    gradient: str = _setting(
+        "reparameterization",
+        "dreg: the doubly-reparameterized encoder gradient (Tucker et al.), with --estimator iwae",
+        choices=GRADIENTS,
+    )
+    num_samples: int = _setting(
+        1, "L (k for iwae): samples of z per datapoint", type=parse_positive_int
+    )
+    batch_size: int = _setting(100, "M, datapoints per minibatch", type=parse_positive_int)
+    epochs: int | None = _setting(
+        None,
+        "passes over the training set",
+        type=parse_positive_int,
+        group="length",
+        default_text="10",
+    )
+    max_examples: int | None = _setting(
+        None,
+        "stop after this many training examples (the x axis of the paper's Fig. 2)",
+        type=parse_positive_int,
+        group="length",
+        default_text="none",
+    )
+    examples_per_epoch: int | None = _setting(
+        None,
+        "examples between test evaluations (history rows); smaller values give more points on "
+        "the Fig. 2 curve",
+        type=parse_positive_int,
+        default_text="one pass over the training set",
+    )
+    train_examples: int | None = _setting(
+        None, "use only the first N training examples", type=parse_positive_int, default_text="all"
+    )
+    test_examples: int | None = _setting(
+        None, "use only the first N test examples", type=parse_positive_int, default_text="all"
+    )
+    optimizer: str = _setting(
+        "adagrad",
+        "adagrad: the paper's (accumulator from 0); adam; iwae_adam: Adam as Burda et al. "
+        "train the IWAE (beta_1 0.99, epsilon 1e-4, the learning rate divided by 10^(1/7) after "
+        "1, 3, 9, ... passes)",
+        choices=OPTIMIZERS,
+    )
+    learning_rate: float | str = _setting(
+        "auto",
+        "a number, or auto: the best bound after --lr-search-steps steps among 0.01, 0.02, 0.1 "
+        "(adagrad) or 3e-4, 1e-3, 3e-3 (adam); 1e-3 for iwae_adam (its schedule's start)",
+        type=parse_learning_rate,
+    )
+    lr_candidates: tuple[float, ...] | None = _setting(
+        None, "step sizes --learning-rate auto compares", cli=False
+    )
+    lr_search_steps: int = _setting(
+        200, "steps per candidate of --learning-rate auto", type=parse_positive_int
+    )
+    weight_decay: float | None = _setting(
+        None,
+        "precision of the N(0, I) weight prior per datapoint",
+        type=float,
+        default_text="1/N, the paper's MAP prior",
+    )
+    binarization: str | None = _setting(
+        None,
+        "how grey pixels become binary",
+        choices=BINARIZATIONS,
+        default_text="dynamic for MNIST, none for Frey Face",
+    )
+    seed: int = _setting(
+        0, "seeds the initialization, the data order, the binarization and the noise", type=int
+    )
+    beta: float = _setting(
+        1.0,
+        "weight of the KL term in the objective (1: the paper's bound); the reported elbo "
+        "stays the true bound",
+        type=parse_nonnegative_float,
+    )
+    kl_warmup: int | None = _setting(
+        None,
+        "raise the KL weight linearly from 0 to --beta over this many steps",
+        type=parse_positive_int,
+        metavar="STEPS",
+        default_text="none",
+    )
+    free_bits: float = _setting(
+        0.0,
+        "floor of each latent dimension's KL in the objective, nats (0: none)",
+        type=parse_nonnegative_float,
+        metavar="LAMBDA",
+    )
+    method: str = _setting(
+        "aevb", "aevb, or the baselines wake_sleep and mcem (keras_aevb.baselines)", choices=METHODS
+    )
+    strategy: str = _setting("default", "the tf.distribute strategy", choices=STRATEGIES)
+    verbose: int = _setting(
+        1,
+        "0 silent, 1 progress bar, 2 one line per epoch and TensorFlow's start-up logs",
+        type=int,
+        choices=(0, 1, 2),
+    )
+    tensorboard: bool = _setting(
+        True,
+        "write TensorBoard logs (scalars and image grids) under RUN_DIR/logs",
+        flag="--no-tensorboard",
+        action="store_false",
+        default_text="write them",
+    )
+    preset: str | None = _setting(
+        None, "the preset these settings started from (`from_preset`), for the record", cli=False
+    )
+
+    @classmethod
+    def from_preset(cls, name, **settings):
+        """The preset's settings (`PRESETS[name]`), with `settings` given here on top."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; use one of {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **settings, "preset": name})
+
+
+def cli_fields():
+    """The fields `keras-aevb train` has a flag for, in declaration order."""
+    return [f for f in dataclasses.fields(TrainConfig) if f.metadata.get("cli", True)]
+
+
+def default_text(field):
+    """The default as --help states it."""
+    if "default_text" in field.metadata:
+        return field.metadata["default_text"]
+    return str(field.default)
+
+
+def _document(cls):
+    lines = [cls.__doc__.rstrip(), "", "    Attributes:"]
+    for field in dataclasses.fields(cls):
+        lines.append(
+            f"        {field.name}: {field.metadata['help']} (default: {default_text(field)})."
+        )
+    cls.__doc__ = "\n".join(lines) + "\n"
+
+
+_document(TrainConfig)
