@@ -48,7 +48,7 @@ _EXPORTS = {
     "paper_layers": "paper",
     "paper_model": "paper",
     "paper_optimizer": "paper",
-    "posterior_families": "families",
+    "posterior_families": "prior",
     "pretrained": "pretrained_models",
     "sgvb_terms": "estimator",
 }

@@ -6,6 +6,10 @@ package refuses other Keras backends at import instead of failing later with an 
 
 import keras
 
+__all__ = [
+    "require_tensorflow_backend",
+]
+
 
 def require_tensorflow_backend():
     """Raises `ImportError` unless Keras uses the TensorFlow backend."""

@@ -19,6 +19,12 @@ from keras_aevb.marginal_likelihood import log_joint_fn
 from keras_aevb.model import AEVB, _unpack, _weighted_mean
 from keras_aevb.posterior import stateless_seed
 
+__all__ = [
+    "MCEM_MAX_EXAMPLES",
+    "MonteCarloEM",
+    "WakeSleep",
+]
+
 tfd = tfp.distributions
 
 

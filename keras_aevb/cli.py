@@ -48,6 +48,14 @@ from keras_aevb.config import (
 from keras_aevb.config import parse_positive_int as _positive_int
 from keras_aevb.version import __version__
 
+__all__ = [
+    "PROG",
+    "UsageError",
+    "build_parser",
+    "main",
+    "train_config",
+]
+
 PROG = "keras-aevb"
 
 # The choices the parser lists come from keras_aevb.config (the standard library only), so

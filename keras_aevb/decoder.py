@@ -10,6 +10,13 @@ from keras import ops
 from keras_aevb.encoder import _dense_stack, _serialize_initializer
 from keras_aevb.families import soft_clip
 
+__all__ = [
+    "BINARIZATION_HINT",
+    "BernoulliDecoder",
+    "GaussianDecoder",
+    "X_LOG_VAR_BOUNDS",
+]
+
 tfd = tfp.distributions
 
 BINARIZATION_HINT = (

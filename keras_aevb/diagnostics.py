@@ -20,6 +20,19 @@ import tensorflow_probability as tfp
 
 from keras_aevb.estimator import scalar_factors
 
+__all__ = [
+    "ACTIVE_UNIT_THRESHOLD",
+    "ActiveUnits",
+    "GRADIENT_METHODS",
+    "active_units",
+    "bound_and_gradient",
+    "gradient_statistics",
+    "kl_per_dimension",
+    "latent_report",
+    "mutual_information",
+    "posterior_means",
+]
+
 GRADIENT_METHODS = ("reparameterization", "score_function")
 
 

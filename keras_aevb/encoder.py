@@ -7,6 +7,10 @@ from keras import ops
 
 from keras_aevb.families import get_family
 
+__all__ = [
+    "MLPEncoder",
+]
+
 
 def _dense_stack(hidden_units, activation, kernel_initializer, bias_initializer, prefix):
     return [

@@ -14,6 +14,18 @@ counted once (DESIGN 9: the TFP-layers pattern counts it twice).
 import tensorflow_probability as tfp
 from keras import ops
 
+__all__ = [
+    "ESTIMATORS",
+    "ESTIMATOR_NAMES",
+    "analytic_kl_per_dimension",
+    "gaussian_kl",
+    "has_analytic_kl",
+    "iwae_terms",
+    "resolve_estimator",
+    "scalar_factors",
+    "sgvb_terms",
+]
+
 tfd = tfp.distributions
 
 ESTIMATORS = ("analytic_kl", "monte_carlo", "iwae")

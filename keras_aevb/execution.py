@@ -28,6 +28,18 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+__all__ = [
+    "DataGuard",
+    "ExecutionCursor",
+    "MAX_BLOCK_BYTES",
+    "active_guard",
+    "data_guard",
+    "execution_limit",
+    "make_execution_function",
+    "steps_in",
+    "training_state",
+]
+
 # Largest block of stacked input batches: bounds the extra memory of `xla_blocks` (the paper's
 # M = 100 MNIST batches are 0.31 MB, so a 100-step execution is one 31 MB block; larger batches
 # are split into more, smaller blocks per execution).

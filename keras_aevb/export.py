@@ -67,6 +67,18 @@ from keras_aevb._io import no_space_guard
 from keras_aevb.estimator import sgvb_terms
 from keras_aevb.families import get_family
 
+__all__ = [
+    "AEVBServingModule",
+    "DEFAULT_SCORE_NUM_SAMPLES",
+    "DEFAULT_SCORE_SEED",
+    "MAX_SAMPLE_NUM_SAMPLES",
+    "SCORE_CHUNK_DRAWS",
+    "SIGNATURE_NAMES",
+    "check_base_dir",
+    "export_saved_model",
+    "next_version",
+]
+
 # Defaults of `score`: L samples of z per example and the stateless seed. L = 10 cuts the Monte
 # Carlo standard deviation of the reconstruction term by sqrt(10) against L = 1, for 10 decoder
 # passes per example (benchmarks/serving_latency.py times it: ~0.5 ms per MNIST example on 2

@@ -24,7 +24,8 @@ a LogNormal posterior report bounds of +1e20 nats on binary data (issue 13); whe
 inside a range, the parameters are bounded (in `constrain`) and the noise's support is bounded
 (the inverse-CDF noise below lies in [F^-1(2^-24), F^-1(1 - 2^-24)]), not the sample.
 
-The families by support (see `posterior_families()` for the full table, computed from TFP):
+The families by support (see `keras_aevb.posterior_families()` for the full table, computed
+from TFP, in `keras_aevb.prior`):
 
     real line        normal, laplace, logistic, student_t, cauchy, gumbel
     positive         exponential, gamma, chi2, log_normal, weibull
@@ -44,6 +45,47 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 from keras import ops
+
+__all__ = [
+    "BETA",
+    "CAUCHY",
+    "CHI2",
+    "CONCENTRATION_FLOOR",
+    "EXPECTATIONS",
+    "EXPONENTIAL",
+    "FAMILIES",
+    "Family",
+    "GAMMA",
+    "GUMBEL",
+    "GUMBEL_LOC_FLOOR",
+    "GUMBEL_LOG_SCALE_BOUNDS",
+    "KUMARASWAMY",
+    "LAPLACE",
+    "LOGISTIC",
+    "LOG_NORMAL",
+    "LOG_NORMAL_LOC_BOUNDS",
+    "LOG_NORMAL_LOG_SCALE_BOUNDS",
+    "LOG_NORMAL_LOG_Z_LIMIT",
+    "LOG_NORMAL_NOISE_LIMIT",
+    "NORMAL",
+    "RATE_FLOOR",
+    "STUDENT_T",
+    "STUDENT_T_DF_FLOOR",
+    "STUDENT_T_DF_SHIFT",
+    "SUPPORTS",
+    "UNIFORM",
+    "UNIFORM_WIDTH_FLOOR",
+    "UNIT_CONCENTRATION_FLOOR",
+    "WEIBULL",
+    "Z_LOG_SCALE_BOUNDS",
+    "Z_LOG_VAR_BOUNDS",
+    "check_reparameterized",
+    "get_family",
+    "reference_params",
+    "soft_clip",
+    "support_contains",
+    "uniform_noise",
+]
 
 tfd = tfp.distributions
 
@@ -581,90 +623,3 @@ def check_reparameterized(family):
             "cannot be used with it. Pick a family from keras_aevb.posterior_families()."
         )
     return dist
-
-
-class FamilyTable(list):
-    """The rows of `posterior_families()`: a list of dicts that prints as a table."""
-
-    COLUMNS = (
-        ("name", "name"),
-        ("support", "support"),
-        ("parameters", "parameters"),
-        ("reparameterization", "reparameterization"),
-        ("analytic_kl_priors", "analytic KL with priors"),
-    )
-
-    def _cells(self, row):
-        return [
-            ", ".join(row[key]) if isinstance(row[key], list | tuple) else str(row[key])
-            for key, _ in self.COLUMNS
-        ]
-
-    def __str__(self):
-        header = [title for _, title in self.COLUMNS]
-        rows = [header] + [self._cells(row) for row in self]
-        widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-        lines = [
-            "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip()
-            for r in rows
-        ]
-        lines.insert(1, "  ".join("-" * w for w in widths))
-        return "\n".join(lines)
-
-    def markdown(self):
-        """The table in Markdown (the README's families table is this output)."""
-        header = [title for _, title in self.COLUMNS]
-        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        for row in self:
-            lines.append("| " + " | ".join(c or "-" for c in self._cells(row)) + " |")
-        return "\n".join(lines)
-
-
-def posterior_families():
-    """The posterior families with their support, parameters and analytic-KL partners.
-
-    The analytic-KL column is computed, not written by hand: for each named prior in
-    `keras_aevb.prior.PRIORS`, the pair is listed where `tfd.kl_divergence` is registered (there
-    `estimator="auto"` uses the paper's estimator B, eq. 7; elsewhere estimator A, eq. 6).
-
-    Returns:
-        A `FamilyTable` (a list of dicts with keys name, support, parameters,
-        reparameterization, analytic_kl_priors, priors (the named priors `AEVB` accepts for
-        the family), description) that prints as a table.
-
-    Example:
-    >>> print(posterior_families())  # doctest: +SKIP
-    """
-    # Imported here: prior.py imports this module.
-    from keras_aevb.estimator import has_analytic_kl
-    from keras_aevb.prior import PRIOR_ALIASES, PRIOR_NEEDS, PRIORS, make_prior
-
-    priors = {
-        name: (make_prior(name, 1), support)
-        for name, (_, support) in PRIORS.items()
-        if name not in PRIOR_ALIASES
-    }
-    rows = FamilyTable()
-    for family in FAMILIES.values():
-        posterior = family.distribution(reference_params(family))
-        # The priors AEVB accepts for this posterior: support inside, tails no lighter.
-        accepted = [
-            name
-            for name, (_, support) in priors.items()
-            if support_contains(support, family.support)
-            and PRIOR_NEEDS[name] in (None, *family.finite_expectations)
-        ]
-        rows.append(
-            {
-                "name": family.name,
-                "support": family.support,
-                "parameters": list(family.param_names),
-                "reparameterization": family.reparameterization,
-                "analytic_kl_priors": [
-                    name for name in accepted if has_analytic_kl(posterior, priors[name][0])
-                ],
-                "priors": accepted,
-                "description": family.description,
-            }
-        )
-    return rows

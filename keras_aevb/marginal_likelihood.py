@@ -29,6 +29,13 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
+__all__ = [
+    "HMC_MAX_RELIABLE_LATENT_DIM",
+    "hmc_log_likelihood",
+    "log_joint_fn",
+    "log_likelihood",
+]
+
 tfd = tfp.distributions
 
 # Decoder outputs (samples x examples x event values) held at once by `log_likelihood`: 2^22

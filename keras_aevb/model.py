@@ -23,6 +23,12 @@ from keras_aevb.posterior import ReparameterizedPosterior, SavesGeneratorStates,
 from keras_aevb.prior import check_support, make_prior, sample_prior
 from keras_aevb.schedules import KLSchedule
 
+__all__ = [
+    "AEVB",
+    "DEFAULT_STEPS_PER_EXECUTION",
+    "METRIC_NAMES",
+]
+
 METRIC_NAMES = ("loss", "elbo", "reconstruction_log_likelihood", "kl")
 
 # Training steps per call of the train function when `compile` is not told. Each call costs

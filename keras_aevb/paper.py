@@ -7,6 +7,16 @@ from keras_aevb.encoder import MLPEncoder
 from keras_aevb.model import AEVB
 from keras_aevb.optimizers import FusedAdagrad
 
+__all__ = [
+    "PAPER_DATASETS",
+    "PAPER_INIT_STDDEV",
+    "PAPER_MNIST_NUM_PARAMS",
+    "paper_initializer",
+    "paper_layers",
+    "paper_model",
+    "paper_optimizer",
+]
+
 # Parameter count of paper_model("mnist", latent_dim=20): encoder 784*500+500 + 2*(500*20+20),
 # decoder 20*500+500 + 500*784+784.
 PAPER_MNIST_NUM_PARAMS = 815_824

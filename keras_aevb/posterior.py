@@ -6,6 +6,12 @@ from keras import ops
 
 from keras_aevb.families import check_reparameterized, get_family
 
+__all__ = [
+    "ReparameterizedPosterior",
+    "SavesGeneratorStates",
+    "stateless_seed",
+]
+
 # Largest int32 for stateless seeds drawn from a SeedGenerator.
 _INT32_MAX = 2**31 - 1
 

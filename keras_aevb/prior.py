@@ -27,7 +27,32 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from keras_aevb.families import SUPPORTS, get_family, support_contains, uniform_noise
+from keras_aevb.estimator import has_analytic_kl
+from keras_aevb.families import (
+    FAMILIES,
+    SUPPORTS,
+    get_family,
+    reference_params,
+    support_contains,
+    uniform_noise,
+)
+
+__all__ = [
+    "FamilyTable",
+    "LearnedNormalPrior",
+    "PRIORS",
+    "PRIOR_ALIASES",
+    "PRIOR_NEEDS",
+    "Prior",
+    "check_support",
+    "fitting_priors",
+    "has_quantile",
+    "make_prior",
+    "posterior_families",
+    "prior_names",
+    "prior_quantile",
+    "sample_prior",
+]
 
 tfd = tfp.distributions
 
@@ -192,7 +217,11 @@ def _prior_misses(prior_dist, support):
     return [float(p) for p, ok in zip(probes, finite, strict=True) if not ok]
 
 
-def _fitting_priors(family):
+def fitting_priors(family):
+    """The named priors `AEVB` accepts for a posterior family: support containing the family's
+    (else KL(q || p) = inf) and tails no lighter (`PRIOR_NEEDS`: the expectation under q that
+    -log p needs is finite for the family). Aliases are left out."""
+    family = get_family(family)
     return [
         name
         for name, prior in PRIORS.items()
@@ -237,7 +266,7 @@ def check_support(posterior, prior_dist, prior=None, pair_name=""):
         raise ValueError(
             f"The posterior's support ({support}, {SUPPORTS[support]}) is not inside the "
             f"prior's for {pair_name}: {miss}. KL(q || p) would be infinite. Use a prior whose "
-            f"support contains the posterior's, e.g. one of {_fitting_priors(family)}."
+            f"support contains the posterior's, e.g. one of {fitting_priors(family)}."
         )
     need = PRIOR_NEEDS.get(prior) if named else None
     if need is not None and need not in family.finite_expectations:
@@ -245,7 +274,7 @@ def check_support(posterior, prior_dist, prior=None, pair_name=""):
             f"KL(q || p) is infinite for {pair_name} whatever the encoder outputs: -log p(z) "
             f"grows like {_NEED_WORDS[need]}, whose mean under a {family.name} posterior is "
             f"infinite (its tails are heavier than the prior's). Use a prior with tails at "
-            f"least as heavy, e.g. one of {_fitting_priors(family)}."
+            f"least as heavy, e.g. one of {fitting_priors(family)}."
         )
 
 
@@ -367,3 +396,75 @@ class LearnedNormalPrior(keras.layers.Layer):
         config = super().get_config()
         config.update(latent_dim=self.latent_dim)
         return config
+
+
+class FamilyTable(list):
+    """The rows of `posterior_families()`: a list of dicts that prints as a table."""
+
+    COLUMNS = (
+        ("name", "name"),
+        ("support", "support"),
+        ("parameters", "parameters"),
+        ("reparameterization", "reparameterization"),
+        ("analytic_kl_priors", "analytic KL with priors"),
+    )
+
+    def _cells(self, row):
+        return [
+            ", ".join(row[key]) if isinstance(row[key], list | tuple) else str(row[key])
+            for key, _ in self.COLUMNS
+        ]
+
+    def __str__(self):
+        header = [title for _, title in self.COLUMNS]
+        rows = [header] + [self._cells(row) for row in self]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+        lines = [
+            "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip()
+            for r in rows
+        ]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        return "\n".join(lines)
+
+    def markdown(self):
+        """The table in Markdown (the README's families table is this output)."""
+        header = [title for _, title in self.COLUMNS]
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for row in self:
+            lines.append("| " + " | ".join(c or "-" for c in self._cells(row)) + " |")
+        return "\n".join(lines)
+
+
+def posterior_families():
+    """The posterior families with their support, parameters and analytic-KL partners.
+
+    The analytic-KL column is computed, not written by hand: for each named prior in
+    `PRIORS`, the pair is listed where `tfd.kl_divergence` is registered (there
+    `estimator="auto"` uses the paper's estimator B, eq. 7; elsewhere estimator A, eq. 6).
+
+    Returns:
+        A `FamilyTable` (a list of dicts with keys name, support, parameters,
+        reparameterization, analytic_kl_priors, priors (the named priors `AEVB` accepts for
+        the family), description) that prints as a table.
+
+    Example:
+    >>> print(posterior_families())  # doctest: +SKIP
+    """
+    rows = FamilyTable()
+    for family in FAMILIES.values():
+        posterior = family.distribution(reference_params(family))
+        accepted = fitting_priors(family)
+        rows.append(
+            {
+                "name": family.name,
+                "support": family.support,
+                "parameters": list(family.param_names),
+                "reparameterization": family.reparameterization,
+                "analytic_kl_priors": [
+                    name for name in accepted if has_analytic_kl(posterior, make_prior(name, 1))
+                ],
+                "priors": accepted,
+                "description": family.description,
+            }
+        )
+    return rows

@@ -23,11 +23,10 @@ from keras_aevb.families import (
     UNIT_CONCENTRATION_FLOOR,
     Family,
     check_reparameterized,
-    posterior_families,
     support_contains,
     uniform_noise,
 )
-from keras_aevb.prior import PRIOR_ALIASES, PRIORS
+from keras_aevb.prior import PRIOR_ALIASES, PRIORS, posterior_families
 
 tfd = tfp.distributions
 
