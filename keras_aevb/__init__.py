@@ -56,7 +56,9 @@ _EXPORTS = {
 __all__ = sorted([*_EXPORTS, "__version__"])
 
 # Submodules that need no TensorFlow (the command line's own); any other is TensorFlow code.
-_LIGHT_SUBMODULES = frozenset({"_io", "cli", "config", "data", "plotting", "reproduce", "version"})
+_LIGHT_SUBMODULES = frozenset(
+    {"_io", "cli", "config", "data", "plotting", "reproduce", "run_dir", "version"}
+)
 
 
 def _require_tensorflow_backend():

@@ -25,10 +25,13 @@ __all__ = [
     "POSTERIORS",
     "PRESETS",
     "PRIOR_NAMES",
+    "RESUMABLE_CHANGES",
     "STRATEGIES",
     "TrainConfig",
+    "check_same_run",
     "cli_fields",
     "default_text",
+    "jsonable",
 ]
 
 # Spelled here rather than read from the library, whose tables import NumPy or TensorFlow;
@@ -326,3 +329,51 @@ def _document(cls):
 
 
 _document(TrainConfig)
+
+
+# Settings that may change between a run and its resumption: they say how long or where to run,
+# not what is trained. Every other setting must match the run directory's config.json.
+RESUMABLE_CHANGES = frozenset(
+    {
+        "output",
+        "data_dir",
+        "epochs",
+        "max_examples",
+        "examples_per_epoch",  # checked against the run's epoch length by _plan_epochs
+        "verbose",
+        "strategy",
+        "tensorboard",
+        "preset",  # what the settings started from; the settings themselves are compared
+    }
+)
+
+
+def check_same_run(previous, requested, run_dir):
+    """Raises ValueError unless `requested` (a `jsonable` config) trains what the run directory's
+    config.json (`previous`) trained: only `RESUMABLE_CHANGES` may differ."""
+    before = previous.get("requested", {})
+    # A setting added after the run was written had its default value then.
+    defaults = jsonable(TrainConfig())
+    differing = sorted(
+        key
+        for key in set(before) | set(requested)
+        if key not in RESUMABLE_CHANGES and before.get(key, defaults.get(key)) != requested.get(key)
+    )
+    if differing:
+        details = "; ".join(
+            f"{k}: {before.get(k, defaults.get(k))!r} there, {requested.get(k)!r} now"
+            for k in differing
+        )
+        raise ValueError(
+            f"{run_dir} holds a run with other settings ({details}); rerun it with the same "
+            "settings to resume, or pass a new --output"
+        )
+
+
+def jsonable(config: TrainConfig):
+    """The settings as config.json holds them (tuples as lists)."""
+    out = dataclasses.asdict(config)
+    for key, value in out.items():
+        if isinstance(value, tuple):
+            out[key] = list(value)
+    return out

@@ -14,7 +14,6 @@ Reference: Kingma & Welling, "Auto-Encoding Variational Bayes", arXiv:1312.6114,
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from keras_aevb._io import atomic_write
+from keras_aevb.run_dir import HISTORY_COLUMNS, read_history  # noqa: F401 (re-exported)
 
 __all__ = [
     "embedding_plot",
@@ -37,7 +37,6 @@ __all__ = [
     "save_png",
 ]
 
-HISTORY_COLUMNS = ("epoch", "examples_seen", "seconds", "train_elbo", "test_elbo")
 
 # The file's suffix names the format written, and only these are written (a picture named
 # x.jpg holds JPEG bytes). Grey image grids go through Pillow (`save_image`), figures through
@@ -306,30 +305,6 @@ def embedding_plot(z, out, labels=None, title=None):
 
 
 # ------------------------------------------------------------------------------ Fig. 2
-
-
-def read_history(run_dir):
-    """Reads `RUN_DIR/history.csv` into a dict of NumPy arrays, one per column.
-
-    Raises:
-        FileNotFoundError: no history.csv in `run_dir`.
-        ValueError: the file lacks one of `HISTORY_COLUMNS`.
-    """
-    path = Path(run_dir) / "history.csv"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"no history.csv in {run_dir}; pass a directory written by `keras-aevb train`"
-        )
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in HISTORY_COLUMNS if c not in (reader.fieldnames or ())]
-        if missing:
-            raise ValueError(f"{path} lacks the columns {missing}; is it a keras-aevb history?")
-        rows = list(reader)
-    return {
-        column: np.array([float(row[column]) for row in rows], dtype=np.float64)
-        for column in HISTORY_COLUMNS
-    }
 
 
 def _run_label(run_dir, config, all_configs):

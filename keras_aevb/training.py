@@ -39,14 +39,12 @@ Reference: Kingma & Welling, "Auto-Encoding Variational Bayes", arXiv:1312.6114,
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
 import inspect
 import io
 import json
 import math
 import os
-import re
 import struct
 import time
 import warnings
@@ -59,7 +57,22 @@ import tensorflow as tf
 from keras_aevb import _io, execution
 from keras_aevb import data as data_lib
 from keras_aevb._io import atomic_write
-from keras_aevb.config import DECODERS, METHODS, OPTIMIZERS, STRATEGIES, TrainConfig
+from keras_aevb.config import (
+    DECODERS,
+    METHODS,
+    OPTIMIZERS,
+    STRATEGIES,
+    TrainConfig,
+    check_same_run,
+    jsonable,
+)
+from keras_aevb.run_dir import (
+    HISTORY_COLUMNS,
+    history_csv_bytes,
+    read_previous_run,
+    write_bytes,
+    write_json,
+)
 from keras_aevb.version import __version__
 
 __all__ = [
@@ -80,8 +93,6 @@ __all__ = [
     "train",
 ]
 
-HISTORY_COLUMNS = ("epoch", "examples_seen", "seconds", "train_elbo", "test_elbo")
-
 # The paper (section 5): "Stepsizes were adapted with Adagrad [...]; the Adagrad global stepsize
 # parameters were chosen from {0.01, 0.02, 0.1} based on performance on the training set in the
 # first few iterations." Adam is not the paper's; its candidates bracket its usual 1e-3. Burda
@@ -91,22 +102,6 @@ LEARNING_RATE_CANDIDATES = {
     "adam": (3e-4, 1e-3, 3e-3),
     "iwae_adam": (1e-3,),
 }
-
-# Settings that may change between a run and its resumption: they say how long or where to run,
-# not what is trained. Every other setting must match the run directory's config.json.
-_RESUMABLE_CHANGES = frozenset(
-    {
-        "output",
-        "data_dir",
-        "epochs",
-        "max_examples",
-        "examples_per_epoch",  # checked against the run's epoch length by _plan_epochs
-        "verbose",
-        "strategy",
-        "tensorboard",
-        "preset",  # what the settings started from; the settings themselves are compared
-    }
-)
 
 # The test bound needs a fixed test set: for dynamic binarization it is one Bernoulli draw of
 # the test images with this seed offset from the run's seed (the same draw for every epoch and
@@ -132,31 +127,6 @@ class TrainResult:
 # -------------------------------------------------------------------------- small utilities
 
 
-def _atomic_write_bytes(path, payload: bytes):
-    atomic_write(path, lambda f: f.write(payload), fsync=True)
-
-
-def _atomic_write_json(path, obj):
-    _atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-
-
-def _history_csv_bytes(rows) -> bytes:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(HISTORY_COLUMNS)
-    for row in rows:
-        writer.writerow(
-            [
-                int(row["epoch"]),
-                int(row["examples_seen"]),
-                f"{row['seconds']:.3f}",
-                f"{row['train_elbo']:.6f}",
-                f"{row['test_elbo']:.6f}",
-            ]
-        )
-    return buffer.getvalue().encode()
-
-
 def _save_keras_atomically(model, path):
     """The `.keras` archive, written by Keras into the temporary file of an atomic write."""
     atomic_write(path, lambda f: _keras_saving_lib().save_model(model, f), fsync=True)
@@ -178,7 +148,7 @@ def _save_weights_atomically(model, path):
     )
     store.close()
     payload = buffer.getvalue()
-    _atomic_write_bytes(path, payload)
+    write_bytes(path, payload)
 
 
 def _keras_saving_lib():
@@ -845,8 +815,8 @@ class RunRecorder(keras.callbacks.Callback):
         name = f"epoch-{epoch:06d}.weights.h5"
         _save_weights_atomically(self.model, self.checkpoint_dir / name)
         state = dict(self.state_extra, epoch=epoch, weights=name, history=self.rows)
-        _atomic_write_json(self.checkpoint_dir / "state.json", state)  # the commit point
-        _atomic_write_bytes(self.run_dir / "history.csv", _history_csv_bytes(self.rows))
+        write_json(self.checkpoint_dir / "state.json", state)  # the commit point
+        write_bytes(self.run_dir / "history.csv", history_csv_bytes(self.rows))
         for old in sorted(self.checkpoint_dir.glob("*.weights.h5")):
             if old.name != name:
                 _io.remove(old)  # replaced: state.json names the new file
@@ -1004,166 +974,6 @@ def _free_bytes(path):
 # -------------------------------------------------------------------------- the run directory
 
 
-class _Unresumable(ValueError):
-    """A run directory whose files cannot be resumed (the CLI: one line, exit status 2)."""
-
-    def __init__(self, run_dir, problem):
-        super().__init__(
-            f"{problem}: {run_dir} holds a run that cannot be resumed; pass a new --output to "
-            "start fresh"
-        )
-
-
-def _read_previous_run(run_dir: Path):
-    """`(config, state)` of an earlier run in `run_dir`; `(None, None)` if it is empty/new.
-
-    Every file a resume reads is checked here, before anything is written: config.json and
-    checkpoints/state.json parse to what this version writes, the weights file state.json
-    names is a whole HDF5 file, and a history.csv with epochs in it has a checkpoint. A run
-    killed before its first checkpoint (config.json alone, or with a history.csv of no rows)
-    starts again; temporary files and the lock file are not part of a run.
-
-    Raises:
-        ValueError: `run_dir` is a file, holds files but no keras-aevb run, or holds a run
-            whose files are missing or damaged (the message names the file).
-    """
-    if not run_dir.exists():
-        return None, None
-    if not run_dir.is_dir():
-        raise ValueError(f"--output {run_dir} is a file; pass a directory")
-    names = {p.name for p in run_dir.iterdir() if not _io.is_scratch_file(p.name)}
-    config_path = run_dir / "config.json"
-    checkpoint_dir = run_dir / "checkpoints"
-    if "config.json" not in names:
-        if names & {"history.csv", "checkpoints", "model.keras"}:
-            raise _Unresumable(run_dir, f"{config_path} is missing")
-        if names:
-            raise ValueError(
-                f"--output {run_dir} holds files but no keras-aevb run (no config.json); "
-                "pass a new or empty directory"
-            )
-        return None, None
-    config = _read_json(config_path, run_dir)
-    if not (
-        isinstance(config, dict)
-        and isinstance(config.get("requested"), dict)
-        and _is_number(config.get("learning_rate_used"))
-        and isinstance(config.get("examples_per_epoch"), int)
-    ):
-        raise _Unresumable(run_dir, f"{config_path} is not a keras-aevb config")
-    if checkpoint_dir.exists() and not checkpoint_dir.is_dir():
-        raise _Unresumable(run_dir, f"{checkpoint_dir} is not a directory")
-    state_path = checkpoint_dir / "state.json"
-    if not state_path.exists():
-        epochs = _history_epochs(run_dir / "history.csv", run_dir)
-        if epochs or "model.keras" in names:
-            missing = state_path if checkpoint_dir.is_dir() else checkpoint_dir
-            held = f"{run_dir}/history.csv holds {epochs} epochs" if epochs else "model.keras"
-            raise _Unresumable(run_dir, f"{missing} is missing, but {held}")
-        return config, None
-    state = _read_json(state_path, run_dir)
-    if not _is_state(state):
-        raise _Unresumable(run_dir, f"{state_path} is not a keras-aevb checkpoint state")
-    weights = checkpoint_dir / state["weights"]
-    if not weights.is_file():
-        raise _Unresumable(run_dir, f"{weights} is missing (named by {state_path})")
-    if not _is_whole_hdf5(weights):
-        raise _Unresumable(run_dir, f"{weights} is not a readable weights file")
-    return config, state
-
-
-def _read_json(path, run_dir):
-    try:
-        return json.loads(path.read_bytes())
-    except ValueError:  # JSONDecodeError, UnicodeDecodeError
-        raise _Unresumable(run_dir, f"{path} is not valid JSON") from None
-    except OSError as e:
-        raise _Unresumable(run_dir, f"{path} cannot be read ({e.strerror})") from None
-
-
-def _is_number(value):
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _is_state(state):
-    """Whether `state` is what RunRecorder commits: epoch k >= 1, rows 1..k, a weights name."""
-    if not isinstance(state, dict):
-        return False
-    epoch, weights, rows = state.get("epoch"), state.get("weights"), state.get("history")
-    return (
-        isinstance(epoch, int)
-        and epoch >= 1
-        and isinstance(weights, str)
-        and re.fullmatch(r"epoch-\d{6}\.weights\.h5", weights) is not None
-        and isinstance(rows, list)
-        and len(rows) == epoch
-        and all(
-            isinstance(row, dict)
-            and set(HISTORY_COLUMNS) <= set(row)
-            and all(_is_number(row[k]) for k in HISTORY_COLUMNS)
-            and row["epoch"] == i
-            for i, row in enumerate(rows, 1)
-        )
-    )
-
-
-def _history_epochs(path, run_dir):
-    """The rows of history.csv (0 if it is missing)."""
-    if not path.exists():
-        return 0
-    try:
-        lines = [line for line in path.read_text().splitlines() if line.strip()]
-    except (OSError, ValueError):
-        raise _Unresumable(run_dir, f"{path} cannot be read") from None
-    if not lines or lines[0].split(",") != list(HISTORY_COLUMNS):
-        raise _Unresumable(run_dir, f"{path} is not a keras-aevb history")
-    return len(lines) - 1
-
-
-def _is_whole_hdf5(path):
-    """Whether every dataset of an HDF5 file reads (a truncated file fails at open or read)."""
-    import h5py
-
-    try:
-        with h5py.File(path, "r") as f:
-            datasets = []
-            f.visititems(lambda _, item: datasets.append(item) if hasattr(item, "dtype") else None)
-            for dataset in datasets:
-                dataset[()]
-    except (OSError, RuntimeError, ValueError, KeyError):
-        return False
-    return True
-
-
-def _check_same_run(previous, requested, run_dir):
-    before = previous.get("requested", {})
-    # A setting added after the run was written had its default value then.
-    defaults = _jsonable(TrainConfig())
-    differing = sorted(
-        key
-        for key in set(before) | set(requested)
-        if key not in _RESUMABLE_CHANGES
-        and before.get(key, defaults.get(key)) != requested.get(key)
-    )
-    if differing:
-        details = "; ".join(
-            f"{k}: {before.get(k, defaults.get(k))!r} there, {requested.get(k)!r} now"
-            for k in differing
-        )
-        raise ValueError(
-            f"{run_dir} holds a run with other settings ({details}); rerun it with the same "
-            "settings to resume, or pass a new --output"
-        )
-
-
-def _jsonable(config: TrainConfig):
-    out = dataclasses.asdict(config)
-    for key, value in out.items():
-        if isinstance(value, tuple):
-            out[key] = list(value)
-    return out
-
-
 # -------------------------------------------------------------------------- train
 
 
@@ -1211,10 +1021,10 @@ def _train(config: TrainConfig, print_fn, lock) -> TrainResult:
     # search all run some): MultiWorkerMirroredStrategy must configure the collectives first.
     strategy = _make_strategy(config.strategy)
     run_dir = Path(config.output)
-    requested = _jsonable(config)
-    previous_config, state = _read_previous_run(run_dir)
+    requested = jsonable(config)
+    previous_config, state = read_previous_run(run_dir)
     if previous_config is not None:
-        _check_same_run(previous_config, requested, run_dir)
+        check_same_run(previous_config, requested, run_dir)
 
     # ---- data (everything is checked before the first file is written)
     train_x, train_info = data_lib.load_dataset(
@@ -1384,8 +1194,8 @@ def _train(config: TrainConfig, print_fn, lock) -> TrainResult:
         for old in sorted((run_dir / "checkpoints").glob("*.weights.h5")):
             if state is not None and old.name != state["weights"]:
                 _io.remove(old)
-        _atomic_write_json(run_dir / "config.json", resolved)
-        _atomic_write_bytes(run_dir / "history.csv", _history_csv_bytes(rows))
+        write_json(run_dir / "config.json", resolved)
+        write_bytes(run_dir / "history.csv", history_csv_bytes(rows))
 
     # The training bound of history.csv: measured after each epoch, like the test bound, on as
     # many fixed training examples as there are test examples (same noise level).

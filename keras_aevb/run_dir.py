@@ -1,0 +1,217 @@
+"""The run directory that `keras_aevb.training.train` writes: its files, their formats, and
+the checks a resume makes before it writes anything.
+
+    config.json         every setting, resolved
+    history.csv         HISTORY_COLUMNS, one row per epoch (the data of the paper's Fig. 2)
+    model.keras         the trained model (with its optimizer)
+    checkpoints/        state.json (the commit point) + the latest epoch's weights
+
+One owner of each format: training writes history.csv with `history_csv_bytes`, plotting and
+the figure scripts read it with `read_history`. Every file is written whole, to a temporary
+name and renamed (`keras_aevb._io.atomic_write`).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+
+from keras_aevb import _io
+from keras_aevb._io import atomic_write
+
+__all__ = [
+    "HISTORY_COLUMNS",
+    "Unresumable",
+    "history_csv_bytes",
+    "read_history",
+    "read_previous_run",
+    "write_bytes",
+    "write_json",
+]
+
+HISTORY_COLUMNS = ("epoch", "examples_seen", "seconds", "train_elbo", "test_elbo")
+
+
+def write_bytes(path, payload: bytes):
+    atomic_write(path, lambda f: f.write(payload), fsync=True)
+
+
+def write_json(path, obj):
+    write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def history_csv_bytes(rows) -> bytes:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(HISTORY_COLUMNS)
+    for row in rows:
+        writer.writerow(
+            [
+                int(row["epoch"]),
+                int(row["examples_seen"]),
+                f"{row['seconds']:.3f}",
+                f"{row['train_elbo']:.6f}",
+                f"{row['test_elbo']:.6f}",
+            ]
+        )
+    return buffer.getvalue().encode()
+
+
+def read_history(run_dir):
+    """Reads `RUN_DIR/history.csv` into a dict of NumPy arrays, one per column.
+
+    Raises:
+        FileNotFoundError: no history.csv in `run_dir`.
+        ValueError: the file lacks one of `HISTORY_COLUMNS`.
+    """
+    path = Path(run_dir) / "history.csv"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no history.csv in {run_dir}; pass a directory written by `keras-aevb train`"
+        )
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in HISTORY_COLUMNS if c not in (reader.fieldnames or ())]
+        if missing:
+            raise ValueError(f"{path} lacks the columns {missing}; is it a keras-aevb history?")
+        rows = list(reader)
+    return {
+        column: np.array([float(row[column]) for row in rows], dtype=np.float64)
+        for column in HISTORY_COLUMNS
+    }
+
+
+class Unresumable(ValueError):
+    """A run directory whose files cannot be resumed (the CLI: one line, exit status 2)."""
+
+    def __init__(self, run_dir, problem):
+        super().__init__(
+            f"{problem}: {run_dir} holds a run that cannot be resumed; pass a new --output to "
+            "start fresh"
+        )
+
+
+def read_previous_run(run_dir: Path):
+    """`(config, state)` of an earlier run in `run_dir`; `(None, None)` if it is empty/new.
+
+    Every file a resume reads is checked here, before anything is written: config.json and
+    checkpoints/state.json parse to what this version writes, the weights file state.json
+    names is a whole HDF5 file, and a history.csv with epochs in it has a checkpoint. A run
+    killed before its first checkpoint (config.json alone, or with a history.csv of no rows)
+    starts again; temporary files and the lock file are not part of a run.
+
+    Raises:
+        ValueError: `run_dir` is a file, holds files but no keras-aevb run, or holds a run
+            whose files are missing or damaged (the message names the file).
+    """
+    if not run_dir.exists():
+        return None, None
+    if not run_dir.is_dir():
+        raise ValueError(f"--output {run_dir} is a file; pass a directory")
+    names = {p.name for p in run_dir.iterdir() if not _io.is_scratch_file(p.name)}
+    config_path = run_dir / "config.json"
+    checkpoint_dir = run_dir / "checkpoints"
+    if "config.json" not in names:
+        if names & {"history.csv", "checkpoints", "model.keras"}:
+            raise Unresumable(run_dir, f"{config_path} is missing")
+        if names:
+            raise ValueError(
+                f"--output {run_dir} holds files but no keras-aevb run (no config.json); "
+                "pass a new or empty directory"
+            )
+        return None, None
+    config = _read_json(config_path, run_dir)
+    if not (
+        isinstance(config, dict)
+        and isinstance(config.get("requested"), dict)
+        and _is_number(config.get("learning_rate_used"))
+        and isinstance(config.get("examples_per_epoch"), int)
+    ):
+        raise Unresumable(run_dir, f"{config_path} is not a keras-aevb config")
+    if checkpoint_dir.exists() and not checkpoint_dir.is_dir():
+        raise Unresumable(run_dir, f"{checkpoint_dir} is not a directory")
+    state_path = checkpoint_dir / "state.json"
+    if not state_path.exists():
+        epochs = _history_epochs(run_dir / "history.csv", run_dir)
+        if epochs or "model.keras" in names:
+            missing = state_path if checkpoint_dir.is_dir() else checkpoint_dir
+            held = f"{run_dir}/history.csv holds {epochs} epochs" if epochs else "model.keras"
+            raise Unresumable(run_dir, f"{missing} is missing, but {held}")
+        return config, None
+    state = _read_json(state_path, run_dir)
+    if not _is_state(state):
+        raise Unresumable(run_dir, f"{state_path} is not a keras-aevb checkpoint state")
+    weights = checkpoint_dir / state["weights"]
+    if not weights.is_file():
+        raise Unresumable(run_dir, f"{weights} is missing (named by {state_path})")
+    if not _is_whole_hdf5(weights):
+        raise Unresumable(run_dir, f"{weights} is not a readable weights file")
+    return config, state
+
+
+def _read_json(path, run_dir):
+    try:
+        return json.loads(path.read_bytes())
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError
+        raise Unresumable(run_dir, f"{path} is not valid JSON") from None
+    except OSError as e:
+        raise Unresumable(run_dir, f"{path} cannot be read ({e.strerror})") from None
+
+
+def _is_number(value):
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_state(state):
+    """Whether `state` is what RunRecorder commits: epoch k >= 1, rows 1..k, a weights name."""
+    if not isinstance(state, dict):
+        return False
+    epoch, weights, rows = state.get("epoch"), state.get("weights"), state.get("history")
+    return (
+        isinstance(epoch, int)
+        and epoch >= 1
+        and isinstance(weights, str)
+        and re.fullmatch(r"epoch-\d{6}\.weights\.h5", weights) is not None
+        and isinstance(rows, list)
+        and len(rows) == epoch
+        and all(
+            isinstance(row, dict)
+            and set(HISTORY_COLUMNS) <= set(row)
+            and all(_is_number(row[k]) for k in HISTORY_COLUMNS)
+            and row["epoch"] == i
+            for i, row in enumerate(rows, 1)
+        )
+    )
+
+
+def _history_epochs(path, run_dir):
+    """The rows of history.csv (0 if it is missing)."""
+    if not path.exists():
+        return 0
+    try:
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, ValueError):
+        raise Unresumable(run_dir, f"{path} cannot be read") from None
+    if not lines or lines[0].split(",") != list(HISTORY_COLUMNS):
+        raise Unresumable(run_dir, f"{path} is not a keras-aevb history")
+    return len(lines) - 1
+
+
+def _is_whole_hdf5(path):
+    """Whether every dataset of an HDF5 file reads (a truncated file fails at open or read)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            datasets = []
+            f.visititems(lambda _, item: datasets.append(item) if hasattr(item, "dtype") else None)
+            for dataset in datasets:
+                dataset[()]
+    except (OSError, RuntimeError, ValueError, KeyError):
+        return False
+    return True
