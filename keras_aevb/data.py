@@ -56,6 +56,10 @@ tf = _ImportedAtFirstUse("tensorflow")
 scipy_io = _ImportedAtFirstUse("scipy.io")
 
 __all__ = [
+    "TEST_DRAW_SEED_OFFSET",
+    "fixed_subset",
+    "load_eval_split",
+    "pipeline_binarization",
     "BINARIZATIONS",
     "DATASETS",
     "DATA_DIR_ENV",
@@ -905,3 +909,50 @@ def load_dataset(
         "source": source,
     }
     return images, info
+
+
+# ------------------------------------------------------------------ evaluation splits
+
+# The test bound needs a fixed test set: for dynamic binarization it is one Bernoulli draw of
+# the test images with this seed offset from the run's seed (the same draw for every epoch and
+# for `keras-aevb evaluate`).
+TEST_DRAW_SEED_OFFSET = 0
+
+
+def load_eval_split(dataset, data_dir, split, binarization, seed=0, num_examples=None):
+    """One split as a fixed array for evaluation: the test set of Fig. 2 and `evaluate`.
+
+    Static and threshold binarizations are what `load_dataset` returns. "dynamic" is a fresh
+    draw each epoch in training; a bound must be computed on one fixed set, so here it is one
+    Bernoulli draw (`binarize(..., "static", seed)`), the same for every epoch and every call
+    with the same seed.
+
+    Returns:
+        `(x, info)`: float32 `[n, *event_shape]`, and load_dataset's info plus
+        "evaluation_binarization" (how the returned values were made, in words).
+    """
+    images, info = load_dataset(dataset, data_dir, split, binarization, seed=seed)
+    if num_examples is not None:
+        images = images[: int(num_examples)]
+    info = dict(info, num_examples=int(len(images)))
+    if binarization == "dynamic":
+        images = binarize(images, "static", seed=seed + TEST_DRAW_SEED_OFFSET)
+        info["evaluation_binarization"] = (
+            f"dynamic (evaluated on one fixed Bernoulli draw, seed {seed + TEST_DRAW_SEED_OFFSET})"
+        )
+    else:
+        info["evaluation_binarization"] = info["binarization"]
+    return images.astype(np.float32), info
+
+
+def fixed_subset(images, info, num_examples, seed):
+    """The first `num_examples` of a split loaded by load_dataset, as `load_eval_split` does."""
+    subset = np.asarray(images[: int(num_examples)], np.float32)
+    if info["binarization"] == "dynamic":
+        return binarize(subset, "static", seed=seed + TEST_DRAW_SEED_OFFSET)
+    return subset
+
+
+def pipeline_binarization(info):
+    """What make_dataset still has to do: nothing for data load_dataset already binarized."""
+    return "none" if info["binarized"] else info["binarization"]

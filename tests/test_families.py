@@ -718,7 +718,7 @@ def test_step_size_search_rejects_an_impossible_bound(monkeypatch, binary_data):
     # the +1.9e20 of issue 13, which the search used to pick as the best. The candidates' fit
     # only counts a step (training is not what is tested here, and XLA-compiling three fits
     # cost ~50 s).
-    from keras_aevb import training
+    from keras_aevb import step_size, training
 
     reported = {0.01: -45.0, 0.02: -40.0, 0.1: 1.9e20}
 
@@ -732,7 +732,7 @@ def test_step_size_search_rejects_an_impossible_bound(monkeypatch, binary_data):
         model.fit = lambda *args, **kwargs: model.optimizer.iterations.assign_add(1)
         return model
 
-    monkeypatch.setattr(training, "evaluate_bound", evaluate_bound)
+    monkeypatch.setattr(step_size, "evaluate_bound", evaluate_bound)
     initial = _tiny("normal", "normal").get_weights()
     dataset = lambda: tf.data.Dataset.from_tensor_slices(binary_data).batch(16).repeat()  # noqa: E731
     kwargs = dict(candidates=(0.01, 0.02, 0.1), steps=1, batch_size=16, print_fn=lambda m: None)

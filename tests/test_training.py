@@ -9,6 +9,7 @@ import pytest
 
 import keras_aevb
 from keras_aevb import data as data_lib
+from keras_aevb import run_dir as run_dir_lib
 from keras_aevb import training
 from keras_aevb.training import TrainConfig
 
@@ -363,7 +364,7 @@ def test_weights_are_written_in_memory_and_load_with_the_public_api(tmp_path):
     model = training.build_model("mnist", (28, 28), 2, hidden_units=(4,), seed=0)
     model.compile(optimizer=training.make_optimizer("adagrad", 0.1))
     model.optimizer.build(model.trainable_variables)
-    training._save_weights_atomically(model, tmp_path / "a.weights.h5")
+    run_dir_lib.save_weights(model, tmp_path / "a.weights.h5")
     model.save_weights(tmp_path / "b.weights.h5")
     # The same datasets with the same values (the bytes differ: HDF5 lays out a file in memory
     # and on disk differently).
@@ -378,7 +379,7 @@ def test_weights_are_written_in_memory_and_load_with_the_public_api(tmp_path):
     other.load_weights(tmp_path / "a.weights.h5")
     for a, b in zip(model.get_weights(), other.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
-    training._save_keras_atomically(model, tmp_path / "m.keras")
+    run_dir_lib.save_model(model, tmp_path / "m.keras")
     loaded = keras.saving.load_model(tmp_path / "m.keras", compile=False)
     for a, b in zip(model.get_weights(), loaded.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
