@@ -30,6 +30,7 @@ import tempfile
 from pathlib import Path
 
 __all__ = [
+    "DataError",
     "DiskFullError",
     "RunLock",
     "RunLockedError",
@@ -318,3 +319,11 @@ def _lock_holder(fd):
         return int(os.pread(fd, 32, 0).decode().strip())
     except (OSError, ValueError):
         return "unknown"
+
+
+class DataError(ValueError):
+    """Bad or missing input data; the message is one line naming the problem and the fix.
+
+    The CLI catches it and exits with status 2, printing the message alone, so every message
+    must make sense without a traceback.
+    """

@@ -16,10 +16,13 @@ import argparse
 import dataclasses
 import math
 
+from keras_aevb._io import DataError
+
 __all__ = [
     "BINARIZATIONS",
     "DATASETS",
     "DECODERS",
+    "DEFAULT_BINARIZATION",
     "METHODS",
     "OPTIMIZERS",
     "POSTERIORS",
@@ -34,8 +37,9 @@ __all__ = [
     "jsonable",
 ]
 
-# Spelled here rather than read from the library, whose tables import NumPy or TensorFlow;
-# tests/test_cli.py checks that they agree (keras_aevb.data, .families.FAMILIES, .prior.PRIORS).
+# The data sets and binarizations are keras_aevb.data's (which reads them from here). The
+# families and priors are spelled here rather than read from keras_aevb.families.FAMILIES and
+# keras_aevb.prior.PRIORS, which import TensorFlow; tests/test_cli.py checks that they agree.
 DATASETS = ("mnist", "frey_face")
 BINARIZATIONS = ("dynamic", "static", "threshold", "none")
 POSTERIORS = (
@@ -61,6 +65,7 @@ METHODS = ("aevb", "wake_sleep", "mcem")
 STRATEGIES = ("default", "mirrored", "multi_worker")
 ESTIMATORS = ("auto", "analytic_kl", "monte_carlo", "iwae")
 GRADIENTS = ("reparameterization", "dreg")
+DEFAULT_BINARIZATION = {"mnist": "dynamic", "frey_face": "none"}
 
 # Named sets of settings. "paper" is Kingma & Welling's protocol (section 5): the defaults.
 # "iwae" is Burda, Grosse & Salakhutdinov's (2015, section 5, and their released code, where
@@ -298,6 +303,113 @@ class TrainConfig:
     preset: str | None = _setting(
         None, "the preset these settings started from (`from_preset`), for the record", cli=False
     )
+
+    def likelihood(self):
+        """The decoder's likelihood: "auto" is Gaussian for Frey Face, Bernoulli otherwise."""
+        if self.decoder == "auto":
+            return "gaussian" if self.dataset == "frey_face" else "bernoulli"
+        return self.decoder
+
+    def check(self):
+        """Refuses settings that cannot work, before anything is loaded or written.
+
+        Returns:
+            `(binarization, likelihood)`: the data set's binarization and the decoder's
+            likelihood, resolved ("auto" and None become the data set's defaults).
+
+        Raises:
+            ValueError, or keras_aevb.data.DataError for an unknown data set or binarization.
+        """
+        import numpy as np  # not needed by --help
+
+        config = self
+
+        def positive(name, value, allow_none=False):
+            if value is None and allow_none:
+                return
+            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+        if config.output is None:
+            raise ValueError("no run directory: pass --output RUN_DIR")
+        if config.dataset not in DATASETS:
+            raise DataError(f"unknown dataset {config.dataset!r}; use one of {', '.join(DATASETS)}")
+        for name, choices in (
+            ("method", METHODS),
+            ("optimizer", OPTIMIZERS),
+            ("strategy", STRATEGIES),
+            ("decoder", DECODERS),
+        ):
+            if getattr(config, name) not in choices:
+                raise ValueError(f"unknown {name} {getattr(config, name)!r}; use one of {choices}")
+        positive("latent_dim", config.latent_dim)
+        positive("num_samples", config.num_samples)
+        positive("batch_size", config.batch_size)
+        positive("lr_search_steps", config.lr_search_steps)
+        for name in ("epochs", "max_examples", "examples_per_epoch", "train_examples"):
+            positive(name, getattr(config, name), allow_none=True)
+        positive("test_examples", config.test_examples, allow_none=True)
+        if config.epochs is not None and config.max_examples is not None:
+            raise ValueError("pass either --epochs or --max-examples, not both")
+        if config.hidden_units is not None:
+            for units in config.hidden_units:
+                positive("hidden_units", units)
+        positive("kl_warmup", config.kl_warmup, allow_none=True)
+        for name in ("beta", "free_bits"):
+            value = getattr(config, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if config.method != "aevb" and (
+            config.estimator == "iwae" or config.gradient != "reparameterization"
+        ):
+            raise ValueError(
+                f"--estimator iwae and --gradient dreg are AEVB's objectives; --method "
+                f"{config.method} trains by its own rule: drop them"
+            )
+        if config.method != "aevb" and (config.beta != 1.0 or config.kl_warmup or config.free_bits):
+            raise ValueError(
+                f"--beta, --kl-warmup and --free-bits change AEVB's objective; --method "
+                f"{config.method} trains by its own rule: drop them"
+            )
+        if (
+            config.optimizer == "iwae_adam"
+            and config.lr_candidates
+            and len(config.lr_candidates) > 1
+        ):
+            raise ValueError(
+                "iwae_adam follows its schedule from one starting step size: give lr_candidates "
+                "one value, or --learning-rate"
+            )
+        if config.weight_decay is not None and not config.weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {config.weight_decay!r}")
+        if config.learning_rate != "auto":
+            try:
+                rate = float(config.learning_rate)
+            except (TypeError, ValueError):
+                raise ValueError(
+                    "learning rate must be 'auto' or a positive number, got "
+                    f"{config.learning_rate!r}"
+                ) from None
+            if not rate > 0 or not math.isfinite(rate):
+                raise ValueError(f"learning rate must be positive and finite, got {rate!r}")
+        binarization = config.binarization or DEFAULT_BINARIZATION[config.dataset]
+        if binarization not in BINARIZATIONS:
+            raise DataError(
+                f"unknown binarization {binarization!r}; use one of {', '.join(BINARIZATIONS)}"
+            )
+        likelihood = self.likelihood()
+        if likelihood == "bernoulli" and binarization == "none":
+            raise ValueError(
+                "a Bernoulli decoder needs binary pixels, but --binarization none keeps them grey "
+                "(the bound would not be a likelihood); use --binarization dynamic, static or "
+                "threshold, or --decoder gaussian"
+            )
+        if likelihood == "gaussian" and binarization != "none":
+            raise ValueError(
+                f"a Gaussian decoder on {binarization}-binarized data: its density grows without "
+                "limit on binary pixels; use --binarization none, or --decoder bernoulli"
+            )
+        return binarization, likelihood
 
     @classmethod
     def from_preset(cls, name, **settings):

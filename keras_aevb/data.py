@@ -36,6 +36,9 @@ from typing import NamedTuple
 
 import numpy as np
 
+from keras_aevb._io import DataError
+from keras_aevb.config import BINARIZATIONS, DATASETS, DEFAULT_BINARIZATION
+
 
 class _ImportedAtFirstUse:
     """A module imported when one of its attributes is first read.
@@ -79,9 +82,6 @@ __all__ = [
     "split_frey_face",
 ]
 
-BINARIZATIONS = ("dynamic", "static", "threshold", "none")
-DATASETS = ("mnist", "frey_face")
-DEFAULT_BINARIZATION = {"mnist": "dynamic", "frey_face": "none"}
 
 # Environment variable naming a directory that holds the data files (or a `<dataset>/` subdir).
 DATA_DIR_ENV = "KERAS_AEVB_DATA_DIR"
@@ -121,14 +121,6 @@ MAX_IDX_BYTES = 1 << 30
 # deflate codes at best 258 bytes in 2 bits: a gzip file of n bytes inflates to at most 1032 n.
 _DEFLATE_MAX_RATIO = 1032
 _IDX_CHUNK = 1 << 20  # bytes inflated per read
-
-
-class DataError(ValueError):
-    """Bad or missing input data; the message is one line naming the problem and the fix.
-
-    The CLI catches it and exits with status 2, printing the message alone, so every message
-    must make sense without a traceback.
-    """
 
 
 # --------------------------------------------------------------------------------------------

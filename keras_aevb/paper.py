@@ -2,12 +2,15 @@
 
 import keras
 
+from keras_aevb.baselines import MonteCarloEM, WakeSleep
 from keras_aevb.decoder import BernoulliDecoder, GaussianDecoder
 from keras_aevb.encoder import MLPEncoder
 from keras_aevb.model import AEVB
 from keras_aevb.optimizers import FusedAdagrad
+from keras_aevb.schedules import LinearWarmup
 
 __all__ = [
+    "build_model",
     "PAPER_DATASETS",
     "PAPER_INIT_STDDEV",
     "PAPER_MNIST_NUM_PARAMS",
@@ -153,3 +156,82 @@ def paper_optimizer(learning_rate=0.02):
     al. and PyTorch; one fused kernel per weight).
     """
     return FusedAdagrad(learning_rate=learning_rate, initial_accumulator_value=0.0, epsilon=1e-8)
+
+
+def build_model(
+    dataset,
+    event_shape,
+    latent_dim,
+    hidden_units=None,
+    likelihood=None,
+    posterior="normal",
+    prior="standard_normal",
+    estimator="auto",
+    num_samples=1,
+    weight_decay=0.0,
+    seed=None,
+    method="aevb",
+    num_examples=None,
+    beta=1.0,
+    kl_warmup=None,
+    free_bits=0.0,
+    gradient="reparameterization",
+):
+    """The paper's architecture (App. C) for a run's settings (`keras_aevb.training.train`),
+    built and not compiled.
+
+    Encoder and decoder are one tanh layer each (500 units MNIST, 200 Frey Face, unless
+    `hidden_units`), every parameter drawn from N(0, 0.01^2) (`keras_aevb.paper`). Seed the
+    initialization with `keras.utils.set_random_seed` before calling.
+
+    Args:
+        method: "aevb", or the baselines "wake_sleep" / "mcem" (`keras_aevb.baselines`).
+        num_examples: N, for "mcem" (one HMC chain per training example).
+        beta, kl_warmup, free_bits: the objective's KL weight, warm-up and floor (AEVB only;
+            see `TrainConfig`).
+
+    Raises:
+        ValueError: a posterior/prior/estimator combination the model refuses.
+    """
+    encoder, decoder = paper_layers(
+        dataset,
+        latent_dim,
+        hidden_units or None,
+        posterior=posterior,
+        likelihood=likelihood,
+        event_shape=event_shape,
+    )
+    if method == "aevb":
+        model = AEVB(
+            encoder,
+            decoder,
+            posterior=posterior,
+            prior=prior,
+            estimator=estimator,
+            num_samples=num_samples,
+            weight_decay=weight_decay,
+            seed=seed,
+            kl_weight=LinearWarmup(kl_warmup, end=beta) if kl_warmup else beta,
+            free_bits=free_bits,
+            gradient=gradient,
+            name=f"aevb_{dataset}",
+        )
+    elif beta != 1.0 or kl_warmup or free_bits:
+        raise ValueError(
+            f"--beta, --kl-warmup and --free-bits change AEVB's objective; --method {method} "
+            "trains by its own rule: drop them"
+        )
+    else:
+        model_class = {"wake_sleep": WakeSleep, "mcem": MonteCarloEM}[method]
+        kwargs = dict(
+            posterior=posterior,
+            prior=prior,
+            num_samples=num_samples,
+            weight_decay=weight_decay,
+            seed=seed,
+        )
+        if method == "mcem":  # one HMC chain per training example
+            kwargs["num_examples"] = num_examples
+        model = model_class(encoder, decoder, name=f"{method}_{dataset}", **kwargs)
+    model.build((None, *event_shape))
+    return model

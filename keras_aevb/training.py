@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import inspect
 import json
 import math
 import os
@@ -70,6 +69,7 @@ from keras_aevb.config import (
     jsonable,
 )
 from keras_aevb.data import load_eval_split
+from keras_aevb.paper import build_model
 from keras_aevb.run_dir import (
     HISTORY_COLUMNS,
     history_csv_bytes,
@@ -87,6 +87,7 @@ from keras_aevb.step_size import (
 from keras_aevb.version import __version__
 
 __all__ = [
+    "DECODERS",
     "HISTORY_COLUMNS",
     "LEARNING_RATE_CANDIDATES",
     "METHODS",
@@ -194,100 +195,6 @@ def _chief_value(strategy, value):
 # -------------------------------------------------------------------------- settings
 
 
-def _resolve_likelihood(config):
-    if config.decoder == "auto":
-        return "gaussian" if config.dataset == "frey_face" else "bernoulli"
-    return config.decoder
-
-
-def _check_settings(config: TrainConfig):
-    """Refuses settings that cannot work, before anything is loaded or written."""
-
-    def positive(name, value, allow_none=False):
-        if value is None and allow_none:
-            return
-        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-    if config.output is None:
-        raise ValueError("no run directory: pass --output RUN_DIR")
-    if config.dataset not in data_lib.DATASETS:
-        raise data_lib.DataError(
-            f"unknown dataset {config.dataset!r}; use one of {', '.join(data_lib.DATASETS)}"
-        )
-    for name, choices in (
-        ("method", METHODS),
-        ("optimizer", OPTIMIZERS),
-        ("strategy", STRATEGIES),
-        ("decoder", DECODERS),
-    ):
-        if getattr(config, name) not in choices:
-            raise ValueError(f"unknown {name} {getattr(config, name)!r}; use one of {choices}")
-    positive("latent_dim", config.latent_dim)
-    positive("num_samples", config.num_samples)
-    positive("batch_size", config.batch_size)
-    positive("lr_search_steps", config.lr_search_steps)
-    for name in ("epochs", "max_examples", "examples_per_epoch", "train_examples"):
-        positive(name, getattr(config, name), allow_none=True)
-    positive("test_examples", config.test_examples, allow_none=True)
-    if config.epochs is not None and config.max_examples is not None:
-        raise ValueError("pass either --epochs or --max-examples, not both")
-    if config.hidden_units is not None:
-        for units in config.hidden_units:
-            positive("hidden_units", units)
-    positive("kl_warmup", config.kl_warmup, allow_none=True)
-    for name in ("beta", "free_bits"):
-        value = getattr(config, name)
-        if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
-            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    if config.method != "aevb" and (
-        config.estimator == "iwae" or config.gradient != "reparameterization"
-    ):
-        raise ValueError(
-            f"--estimator iwae and --gradient dreg are AEVB's objectives; --method "
-            f"{config.method} trains by its own rule: drop them"
-        )
-    if config.method != "aevb" and (config.beta != 1.0 or config.kl_warmup or config.free_bits):
-        raise ValueError(
-            f"--beta, --kl-warmup and --free-bits change AEVB's objective; --method "
-            f"{config.method} trains by its own rule: drop them"
-        )
-    if config.optimizer == "iwae_adam" and config.lr_candidates and len(config.lr_candidates) > 1:
-        raise ValueError(
-            "iwae_adam follows its schedule from one starting step size: give lr_candidates "
-            "one value, or --learning-rate"
-        )
-    if config.weight_decay is not None and not config.weight_decay >= 0:
-        raise ValueError(f"weight_decay must be >= 0, got {config.weight_decay!r}")
-    if config.learning_rate != "auto":
-        try:
-            rate = float(config.learning_rate)
-        except (TypeError, ValueError):
-            raise ValueError(
-                f"learning rate must be 'auto' or a positive number, got {config.learning_rate!r}"
-            ) from None
-        if not rate > 0 or not math.isfinite(rate):
-            raise ValueError(f"learning rate must be positive and finite, got {rate!r}")
-    binarization = config.binarization or data_lib.DEFAULT_BINARIZATION[config.dataset]
-    if binarization not in data_lib.BINARIZATIONS:
-        raise data_lib.DataError(
-            f"unknown binarization {binarization!r}; use one of {', '.join(data_lib.BINARIZATIONS)}"
-        )
-    likelihood = _resolve_likelihood(config)
-    if likelihood == "bernoulli" and binarization == "none":
-        raise ValueError(
-            "a Bernoulli decoder needs binary pixels, but --binarization none keeps them grey "
-            "(the bound would not be a likelihood); use --binarization dynamic, static or "
-            "threshold, or --decoder gaussian"
-        )
-    if likelihood == "gaussian" and binarization != "none":
-        raise ValueError(
-            f"a Gaussian decoder on {binarization}-binarized data: its density grows without "
-            "limit on binary pixels; use --binarization none, or --decoder bernoulli"
-        )
-    return binarization, likelihood
-
-
 def _plan_epochs(num_train, config, previous=None):
     """Epochs and epoch length from --epochs / --max-examples / --examples-per-epoch.
 
@@ -345,116 +252,6 @@ def _plan_epochs(num_train, config, previous=None):
     }
 
 
-# -------------------------------------------------------------------------- model
-
-
-def build_model(
-    dataset,
-    event_shape,
-    latent_dim,
-    hidden_units=None,
-    likelihood=None,
-    posterior="normal",
-    prior="standard_normal",
-    estimator="auto",
-    num_samples=1,
-    weight_decay=0.0,
-    seed=None,
-    method="aevb",
-    num_examples=None,
-    beta=1.0,
-    kl_warmup=None,
-    free_bits=0.0,
-    gradient="reparameterization",
-):
-    """The paper's architecture (App. C) for the CLI's settings, built and not compiled.
-
-    Encoder and decoder are one tanh layer each (500 units MNIST, 200 Frey Face, unless
-    `hidden_units`), every parameter drawn from N(0, 0.01^2) (`keras_aevb.paper`). Seed the
-    initialization with `keras.utils.set_random_seed` before calling.
-
-    Args:
-        method: "aevb", or "wake_sleep" / "mcem" (`keras_aevb.baselines`, imported here).
-        num_examples: N, for "mcem" (one HMC chain per training example).
-        beta, kl_warmup, free_bits: the objective's KL weight, warm-up and floor (AEVB only;
-            see `TrainConfig`).
-
-    Raises:
-        ValueError: a posterior/prior/estimator combination the model refuses, or a baseline
-            whose module is not installed.
-    """
-    from keras_aevb.model import AEVB
-    from keras_aevb.paper import paper_layers
-
-    encoder, decoder = paper_layers(
-        dataset,
-        latent_dim,
-        hidden_units or None,
-        posterior=posterior,
-        likelihood=likelihood,
-        event_shape=event_shape,
-    )
-    if method == "aevb":
-        from keras_aevb.schedules import LinearWarmup
-
-        model = AEVB(
-            encoder,
-            decoder,
-            posterior=posterior,
-            prior=prior,
-            estimator=estimator,
-            num_samples=num_samples,
-            weight_decay=weight_decay,
-            seed=seed,
-            kl_weight=LinearWarmup(kl_warmup, end=beta) if kl_warmup else beta,
-            free_bits=free_bits,
-            gradient=gradient,
-            name=f"aevb_{dataset}",
-        )
-    elif beta != 1.0 or kl_warmup or free_bits:
-        raise ValueError(
-            f"--beta, --kl-warmup and --free-bits change AEVB's objective; --method {method} "
-            "trains by its own rule: drop them"
-        )
-    else:
-        model_class = _baseline_class(method)
-        wanted = dict(
-            posterior=posterior,
-            prior=prior,
-            num_samples=num_samples,
-            weight_decay=weight_decay,
-            seed=seed,
-            num_examples=num_examples,
-        )
-        parameters = inspect.signature(model_class.__init__).parameters
-        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
-        kwargs = {
-            k: v
-            for k, v in wanted.items()
-            if k in parameters or (takes_any and k != "num_examples")
-        }
-        model = model_class(encoder, decoder, name=f"{method}_{dataset}", **kwargs)
-    model.build((None, *event_shape))
-    return model
-
-
-def _baseline_class(method):
-    try:
-        from keras_aevb import baselines
-    except ImportError as e:
-        raise ValueError(
-            f"--method {method} needs keras_aevb.baselines, which is not available ({e}); "
-            "use --method aevb"
-        ) from None
-    name = {"wake_sleep": "WakeSleep", "mcem": "MonteCarloEM"}[method]
-    if not hasattr(baselines, name):
-        raise ValueError(f"keras_aevb.baselines has no {name}; use --method aevb")
-    return getattr(baselines, name)
-
-
-# -------------------------------------------------------------------------- the run directory
-
-
 # -------------------------------------------------------------------------- train
 
 
@@ -479,7 +276,7 @@ def train(config: TrainConfig, print_fn=print) -> TrainResult:
         keras_aevb._io.RunLockedError: another process is using the run directory.
         keras_aevb._io.DiskFullError: the disk filled up; the run resumes once there is space.
     """
-    _check_settings(config)
+    config.check()
     run_dir = Path(config.output)
     if run_dir.exists() and not run_dir.is_dir():
         raise ValueError(f"--output {run_dir} is a file; pass a directory")
@@ -587,7 +384,7 @@ def _train(config: TrainConfig, print_fn, lock) -> TrainResult:
 
 def _open_run(config, print_fn):
     """Checks the settings and the run directory's earlier run; makes the strategy."""
-    binarization, likelihood = _check_settings(config)
+    binarization, likelihood = config.check()
     # The strategy before any TensorFlow op (data loading, the initial model and the step-size
     # search all run some): MultiWorkerMirroredStrategy must configure the collectives first.
     strategy = _make_strategy(config.strategy)
@@ -805,7 +602,7 @@ def _fit(run, model, initial_epoch, callbacks, events_check):
     if initial_epoch:
         run.print_fn(f"keras-aevb: resuming {run.run_dir} after epoch {initial_epoch}")
     with warnings.catch_warnings():
-        # Grey-pixel warnings are settled by the binarization check of _check_settings.
+        # Grey-pixel warnings are settled by the binarization check of TrainConfig.check.
         warnings.filterwarnings("ignore", message="Grey .non-binary. values", category=UserWarning)
         fit_kwargs = {"batch_size": config.batch_size, "shuffle": True} if run.array_input else {}
         try:

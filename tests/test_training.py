@@ -119,7 +119,7 @@ def test_is_chief(monkeypatch, tf_config, chief):
 def test_settings_are_checked_before_anything_loads(tmp_path):
     def check(message, **kwargs):
         with pytest.raises(ValueError, match=message):
-            training._check_settings(TrainConfig(**{"output": str(tmp_path / "run"), **kwargs}))
+            TrainConfig(**{"output": str(tmp_path / "run"), **kwargs}).check()
 
     check("Bernoulli decoder needs binary pixels", binarization="none")
     check("Gaussian decoder on static-binarized", dataset="frey_face", binarization="static")
