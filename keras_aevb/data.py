@@ -702,10 +702,8 @@ def make_dataset(
       at all for grey a multiple of 2**-16; up to 7.6e-6 for MNIST's levels byte/255). Grey 0
       gives 0 and grey 1 gives 1, always.
 
-    Measured on 2 CPU cores (20000 MNIST images, batch 100, 200 batches through
-    ``iterator.get_next()`` in a `tf.function`): about 300 us wall / 450 us CPU per batch for
-    ``"dynamic"`` (was 650 / 820 with a shuffle buffer, a zipped per-batch seed stream and a
-    float32 uniform per pixel) and about 90 / 160 for ``"none"`` (was 220 / 300).
+    Its cost per batch against the shuffle buffer and float32 uniforms it replaced:
+    benchmarks/BENCHMARKS.md, "What the defaults do" (cheaper input pipeline).
 
     Args:
         images: float array ``[N, *event_shape]``; grey values in [0, 1] for ``"dynamic"`` and
@@ -800,9 +798,9 @@ def make_dataset(
 
 
 def _pipeline_options(dataset):
-    # Fixed prefetch, no parallel calls and no autotuning: on the 2-core CPUs measured here,
-    # tf.data's autotuner stalled the end of a fit call by 1.6-2.4 s in about half the epochs
-    # (DESIGN.md section 9); parallel map calls did not lower the CPU cost per batch.
+    # Fixed prefetch, no parallel calls and no autotuning: on 2-core CPUs tf.data's autotuner
+    # stalled the end of a fit call by seconds in about half the epochs (DESIGN.md section 9);
+    # parallel map calls did not lower the CPU cost per batch.
     dataset = dataset.prefetch(2)
     options = tf.data.Options()
     options.autotune.enabled = False

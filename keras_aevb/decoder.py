@@ -154,9 +154,9 @@ class BernoulliDecoder(_MLPDecoder):
 
         The same value as `self.distribution(logits).log_prob(x)` (TFP computes
         -sigmoid_cross_entropy_with_logits, which is this expression), written out because it
-        is 3 element-wise ops and their gradients against TFP's ~8: on the paper's MNIST model
-        the log-likelihood was 15 % of a training step's op time through TFP and 10 % in this
-        form (benchmarks/BENCHMARKS.md). Finite for logits of any size (softplus is stable).
+        is 3 element-wise ops and their gradients against TFP's ~8 (the time it saves:
+        benchmarks/BENCHMARKS.md, "Where a step's time goes without XLA"). Finite for logits of
+        any size (softplus is stable).
         """
         axes = tuple(range(-self.event_ndims, 0))
         x = ops.cast(x, logits.dtype)

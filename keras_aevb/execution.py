@@ -6,13 +6,14 @@ what runs around the steps matters as much as the steps (benchmarks/BENCHMARKS.m
 
 - `make_execution_function` builds a lean loop: one `tf.function` call runs up to `limit`
   steps, each on the iterator's next element, with no `tf.cond` around the step (Keras 3's own
-  loop wraps every step in one and in `tf.experimental.Optional`s, measured ~1.3x slower here).
+  loop wraps every step in one and in `tf.experimental.Optional`s, measured slower).
 - With `xla_blocks`, consecutive full batches are stacked into blocks and each block's steps
   run inside one XLA computation (`jit_compile=True` over a `tf.while_loop` of steps): XLA
   fuses the element-wise work of the step and keeps the weights in place between steps, where
   TensorFlow's executor runs each element-wise op as its own pass over memory. The noise
   eps ~ p(eps) of the block's steps is drawn before the block, outside XLA: XLA's CPU random
-  number generators were measured 10-25x slower than TensorFlow's kernels for these shapes.
+  number generators were measured an order of magnitude slower than TensorFlow's kernels for
+  these shapes.
   A block that would hold a short or uneven batch (an epoch's last) runs step by step.
 - `limit` comes from `ExecutionCursor`, so an execution never runs past `steps_per_epoch` or
   `evaluate(steps=...)`: Keras alone runs whole executions, which trains more steps than asked

@@ -31,11 +31,11 @@ __all__ = [
 
 METRIC_NAMES = ("loss", "elbo", "reconstruction_log_likelihood", "kl")
 
-# Training steps per call of the train function when `compile` is not told. Each call costs
-# ~2 ms of Python and dispatch on the 2-core CPU measured (benchmarks/BENCHMARKS.md) against a
-# few ms per paper-model step at M = 100; 100 steps per call hide it. `fit` and `evaluate` stop
-# an execution at `steps_per_epoch` / `steps` (keras_aevb.execution), so the value never
-# changes how many steps run.
+# Training steps per call of the train function when `compile` is not told. Each call has a
+# fixed cost of Python and dispatch, of the order of a paper-model step at M = 100 on a CPU;
+# 100 steps per call hide it (benchmarks/BENCHMARKS.md, "What the defaults do"). `fit` and
+# `evaluate` stop an execution at `steps_per_epoch` / `steps` (keras_aevb.execution), so the
+# value never changes how many steps run.
 DEFAULT_STEPS_PER_EXECUTION = 100
 
 
@@ -528,8 +528,8 @@ class AEVB(SavesGeneratorStates, keras.Model):
 
         - `steps_per_execution`: `DEFAULT_STEPS_PER_EXECUTION` (100; 1 when `run_eagerly` or
           under a `tf.distribute` strategy, where Keras's own loop runs).
-          Each call of the train function costs ~2 ms of Python and dispatch on the 2-core CPU
-          measured, against a few ms per paper-model step at M = 100. `fit` and `evaluate` still
+          Each call of the train function has a fixed cost of Python and dispatch, of the order
+          of a paper-model step at M = 100 (benchmarks/BENCHMARKS.md). `fit` and `evaluate` still
           run exactly `steps_per_epoch` / `steps` steps (an execution stops there); batch-level
           callbacks see every execution's last batch.
         - `jit_compile="auto"`: training runs in XLA blocks (`xla_blocks`): the steps of an

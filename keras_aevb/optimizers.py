@@ -31,9 +31,8 @@ class FusedAdagrad(keras.optimizers.Adagrad):
 
     Why a subclass: `keras.optimizers.Adagrad` writes the update as 6 element-wise ops, each a
     pass over all 816k weights of the paper's MNIST model; `ResourceApplyAdagradV2` reads
-    theta, g and the accumulator once and writes theta and the accumulator once. On the
-    2-core CPU measured (benchmarks/BENCHMARKS.md) the optimizer was 24 % of a training step's
-    op time with Keras's form and 11 % with this one.
+    theta, g and the accumulator once and writes theta and the accumulator once (its share of
+    a step's time, measured: benchmarks/BENCHMARKS.md, "Where a step's time goes without XLA").
 
     The one difference from `keras.optimizers.Adagrad` is where epsilon goes: Keras divides by
     sqrt(accumulator + epsilon), this kernel (like Duchi et al. and PyTorch) by
