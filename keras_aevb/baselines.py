@@ -16,7 +16,7 @@ from keras import ops
 
 from keras_aevb.estimator import sgvb_terms
 from keras_aevb.marginal_likelihood import log_joint_fn
-from keras_aevb.model import AEVB, _unpack, _weighted_mean
+from keras_aevb.model import AEVB, unpack_data, weighted_mean
 from keras_aevb.posterior import stateless_seed
 
 __all__ = [
@@ -109,7 +109,7 @@ class WakeSleep(_Baseline):
         )
 
     def train_step(self, data):
-        x, sample_weight = _unpack(data)
+        x, sample_weight = unpack_data(data)
         x = self._check_step_data(x)
         batch = ops.shape(x)[0]
         with tf.GradientTape() as tape:
@@ -118,7 +118,7 @@ class WakeSleep(_Baseline):
             posterior = self.posterior_layer.distribution(params)
             z = ops.stop_gradient(self.posterior_layer.sample(params))
             log_px_z = self.decoder.log_likelihood(x, self.decoder(z, training=True))
-            wake = _weighted_mean(ops.mean(log_px_z, axis=0), sample_weight)
+            wake = weighted_mean(ops.mean(log_px_z, axis=0), sample_weight)
             # Sleep: (z, x) ~ p(z) p(x|z), fixed; phi ascends log q(z|x).
             dream_z = self.prior_distribution.sample(
                 batch, seed=stateless_seed(self.dream_seed_generator)
@@ -349,7 +349,7 @@ class MonteCarloEM(_Baseline):
         joint_before = None
         for _ in range(self.num_m_steps):
             with tf.GradientTape() as tape:
-                joint = _weighted_mean(log_joint(z), sample_weight)
+                joint = weighted_mean(log_joint(z), sample_weight)
                 objective = -joint + self._penalty(decoder_variables)
                 scaled = self.optimizer.scale_loss(objective)
             if joint_before is None:
@@ -361,7 +361,7 @@ class MonteCarloEM(_Baseline):
         encoder_variables = self.encoder.trainable_variables
         with tf.GradientTape() as tape:
             terms = self._terms(x, training=True)
-            objective = -_weighted_mean(terms["elbo"], sample_weight)
+            objective = -weighted_mean(terms["elbo"], sample_weight)
             objective = objective + self._penalty(encoder_variables)
         if encoder_variables:
             gradients = tape.gradient(objective, encoder_variables)

@@ -308,7 +308,7 @@ def _check_data_files(dataset, data_dir, splits):
             )
         for split in splits:
             for stem in data_lib._MNIST_SPLITS[split]:
-                if data_lib._find_file(directory, stem) is None:
+                if data_lib.find_file(directory, stem) is None:
                     raise data_lib.DataError(
                         f"MNIST IDX file not found: {directory / stem}(.gz); pass --data-dir "
                         "pointing at a directory with the four MNIST IDX files"
@@ -316,7 +316,7 @@ def _check_data_files(dataset, data_dir, splits):
         return
     if data_dir is None:
         if data_lib.default_data_dir(dataset) is None:
-            searched = ", ".join(str(d) for d in data_lib._candidate_dirs(dataset))
+            searched = ", ".join(str(d) for d in data_lib.candidate_dirs(dataset))
             raise data_lib.DataError(
                 f"Frey Face not found: no {data_lib._FREY_FACE_FILE} in {searched}; "
                 f"{data_lib._FREY_FACE_FIX}"

@@ -59,6 +59,8 @@ tf = _ImportedAtFirstUse("tensorflow")
 scipy_io = _ImportedAtFirstUse("scipy.io")
 
 __all__ = [
+    "candidate_dirs",
+    "find_file",
     "TEST_DRAW_SEED_OFFSET",
     "fixed_subset",
     "load_eval_split",
@@ -133,7 +135,7 @@ def running_on_colab() -> bool:
     return "google.colab" in sys.modules
 
 
-def _candidate_dirs(dataset: str) -> list[Path]:
+def candidate_dirs(dataset: str) -> list[Path]:
     """Directories searched, in order, for `dataset`'s files (see `default_data_dir`)."""
     candidates = []
     env_dir = os.environ.get(DATA_DIR_ENV)
@@ -148,7 +150,7 @@ def _candidate_dirs(dataset: str) -> list[Path]:
     return list(dict.fromkeys(candidates))  # drop duplicates, keep order
 
 
-def _find_file(directory: Path, stem: str) -> Path | None:
+def find_file(directory: Path, stem: str) -> Path | None:
     """Returns `directory/stem` or `directory/stem.gz`, whichever exists (raw first), or None."""
     for name in (stem, stem + ".gz"):
         path = directory / name
@@ -160,7 +162,7 @@ def _find_file(directory: Path, stem: str) -> Path | None:
 def _has_dataset(directory: Path, dataset: str) -> bool:
     if dataset == "mnist":
         stems = [stem for pair in _MNIST_SPLITS.values() for stem in pair]
-        return all(_find_file(directory, stem) is not None for stem in stems)
+        return all(find_file(directory, stem) is not None for stem in stems)
     return (directory / _FREY_FACE_FILE).is_file()
 
 
@@ -186,7 +188,7 @@ def default_data_dir(dataset: str = "mnist") -> str | None:
         DataError: `dataset` is not a known data set.
     """
     _check_dataset_name(dataset)
-    for directory in _candidate_dirs(dataset):
+    for directory in candidate_dirs(dataset):
         if _has_dataset(directory, dataset):
             return str(directory)
     return None
@@ -309,7 +311,7 @@ def _load_mnist_idx(directory: Path, split: str) -> tuple[np.ndarray, np.ndarray
     image_stem, label_stem = _MNIST_SPLITS[split]
     paths = []
     for stem in (image_stem, label_stem):
-        path = _find_file(directory, stem)
+        path = find_file(directory, stem)
         if path is None:
             raise DataError(
                 f"MNIST IDX file not found: {directory / stem}(.gz); pass --data-dir pointing at "
@@ -409,7 +411,7 @@ def load_mnist(
         elif use_tfds is None:
             images, labels = _load_mnist_tfds(split, download)
         else:
-            searched = ", ".join(str(d) for d in _candidate_dirs("mnist"))
+            searched = ", ".join(str(d) for d in candidate_dirs("mnist"))
             raise DataError(f"MNIST not found: no IDX files in {searched}; {_MNIST_FIX}")
     return _to_unit_interval(images), labels.astype(np.int64)
 
@@ -877,7 +879,7 @@ def load_dataset(
     else:
         directory = data_dir if data_dir is not None else default_data_dir("frey_face")
         if directory is None:
-            searched = ", ".join(str(d) for d in _candidate_dirs("frey_face"))
+            searched = ", ".join(str(d) for d in candidate_dirs("frey_face"))
             raise DataError(
                 f"Frey Face not found: no {_FREY_FACE_FILE} in {searched}; {_FREY_FACE_FIX}"
             )

@@ -7,7 +7,7 @@ import numpy as np
 import tensorflow_probability as tfp
 from keras import ops
 
-from keras_aevb.encoder import _dense_stack, _serialize_initializer
+from keras_aevb.encoder import dense_stack, serialize_initializer
 from keras_aevb.families import soft_clip
 
 __all__ = [
@@ -58,7 +58,7 @@ class _MLPDecoder(keras.layers.Layer):
         self.activation = activation
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
-        self.hidden_layers = _dense_stack(
+        self.hidden_layers = dense_stack(
             self.hidden_units, activation, kernel_initializer, bias_initializer, "hidden"
         )
         self.heads = {
@@ -103,8 +103,8 @@ class _MLPDecoder(keras.layers.Layer):
             output_shape=list(self.output_shape),
             hidden_units=list(self.hidden_units),
             activation=self.activation,
-            kernel_initializer=_serialize_initializer(self.kernel_initializer),
-            bias_initializer=_serialize_initializer(self.bias_initializer),
+            kernel_initializer=serialize_initializer(self.kernel_initializer),
+            bias_initializer=serialize_initializer(self.bias_initializer),
         )
         return config
 

@@ -8,11 +8,13 @@ from keras import ops
 from keras_aevb.families import get_family
 
 __all__ = [
+    "dense_stack",
+    "serialize_initializer",
     "MLPEncoder",
 ]
 
 
-def _dense_stack(hidden_units, activation, kernel_initializer, bias_initializer, prefix):
+def dense_stack(hidden_units, activation, kernel_initializer, bias_initializer, prefix):
     return [
         keras.layers.Dense(
             units,
@@ -25,7 +27,7 @@ def _dense_stack(hidden_units, activation, kernel_initializer, bias_initializer,
     ]
 
 
-def _serialize_initializer(initializer):
+def serialize_initializer(initializer):
     return keras.saving.serialize_keras_object(keras.initializers.get(initializer))
 
 
@@ -76,7 +78,7 @@ class MLPEncoder(keras.layers.Layer):
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
         self.family = get_family(posterior)
-        self.hidden_layers = _dense_stack(
+        self.hidden_layers = dense_stack(
             self.hidden_units, activation, kernel_initializer, bias_initializer, "hidden"
         )
         # One linear head per parameter: each gets its own name in the weights and the export.
@@ -121,8 +123,8 @@ class MLPEncoder(keras.layers.Layer):
             hidden_units=list(self.hidden_units),
             activation=self.activation,
             posterior=self.posterior,
-            kernel_initializer=_serialize_initializer(self.kernel_initializer),
-            bias_initializer=_serialize_initializer(self.bias_initializer),
+            kernel_initializer=serialize_initializer(self.kernel_initializer),
+            bias_initializer=serialize_initializer(self.bias_initializer),
         )
         return config
 

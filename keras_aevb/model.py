@@ -24,6 +24,8 @@ from keras_aevb.prior import check_support, make_prior, sample_prior
 from keras_aevb.schedules import KLSchedule
 
 __all__ = [
+    "unpack_data",
+    "weighted_mean",
     "AEVB",
     "DEFAULT_STEPS_PER_EXECUTION",
     "METRIC_NAMES",
@@ -350,7 +352,7 @@ class AEVB(SavesGeneratorStates, keras.Model):
         return 0.5 * self.weight_decay * ops.sum(ops.stack(squares))
 
     def train_step(self, data):
-        x, sample_weight = _unpack(data)
+        x, sample_weight = unpack_data(data)
         return _reducible_logs(self._train_step(x, sample_weight))
 
     def _train_step(self, x, sample_weight, eps=None):
@@ -363,10 +365,10 @@ class AEVB(SavesGeneratorStates, keras.Model):
             terms["objective"] = self._objective_terms(
                 terms, sample_weight, self.optimizer.iterations
             )
-            objective = -_weighted_mean(terms["objective"], sample_weight) / replicas
+            objective = -weighted_mean(terms["objective"], sample_weight) / replicas
             scaled = self.optimizer.scale_loss(objective)
             if self.gradient == "dreg":
-                surrogate = -_weighted_mean(terms.pop("dreg_surrogate"), sample_weight) / replicas
+                surrogate = -weighted_mean(terms.pop("dreg_surrogate"), sample_weight) / replicas
                 scaled_surrogate = self.optimizer.scale_loss(surrogate)
         variables = self.trainable_variables
         gradients = tape.gradient(scaled, variables)
@@ -397,14 +399,14 @@ class AEVB(SavesGeneratorStates, keras.Model):
         return self._update_metrics(terms, sample_weight)
 
     def test_step(self, data):
-        x, sample_weight = _unpack(data)
+        x, sample_weight = unpack_data(data)
         x = self._check_step_data(x)
         terms = self._terms(x, training=False)
         terms["objective"] = self._objective_terms(terms, sample_weight)
         return _reducible_logs(self._update_metrics(terms, sample_weight))
 
     def predict_step(self, data):
-        x, _ = _unpack(data)
+        x, _ = unpack_data(data)
         return self(x, training=False)
 
     def _check_step_data(self, x):
@@ -991,12 +993,12 @@ def _reducible_logs(logs):
     return {name: ops.reshape(value, (1,)) for name, value in logs.items()}
 
 
-def _unpack(data):
+def unpack_data(data):
     x, _, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     return x, sample_weight
 
 
-def _weighted_mean(values, sample_weight):
+def weighted_mean(values, sample_weight):
     if sample_weight is None:
         return ops.mean(values)
     sample_weight = ops.cast(ops.reshape(sample_weight, ops.shape(values)), values.dtype)

@@ -24,6 +24,8 @@ from keras_aevb._io import atomic_write
 from keras_aevb.run_dir import HISTORY_COLUMNS, read_history  # noqa: F401 (re-exported)
 
 __all__ = [
+    "examples_label",
+    "new_figure",
     "embedding_plot",
     "image_grid",
     "labelled_grid",
@@ -72,7 +74,7 @@ def _format(path, formats):
     return formats[suffix]
 
 
-def _figure(**kwargs):
+def new_figure(**kwargs):
     """A Matplotlib `Figure` drawn off screen, without pyplot's global backend.
 
     A `Figure` made directly renders to PNG through Agg by itself, so drawing here never calls
@@ -260,7 +262,9 @@ def labelled_grid(images, out, row_labels, col_labels, title=None, pad=2):
     figure_format = _format(out, FIGURE_FORMATS)
     grid = image_grid(images.reshape(rows * cols, height, width), rows=rows, cols=cols, pad=pad)
     cell = 0.5  # inches per image
-    fig = _figure(figsize=(1.2 + cols * cell, 0.6 + rows * cell + (0.3 if title else 0)), dpi=100)
+    fig = new_figure(
+        figsize=(1.2 + cols * cell, 0.6 + rows * cell + (0.3 if title else 0)), dpi=100
+    )
     ax = fig.subplots()
     ax.imshow(grid, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
     ax.set_xticks([c * (width + pad) + (width - 1) / 2 for c in range(cols)])
@@ -289,7 +293,7 @@ def embedding_plot(z, out, labels=None, title=None):
     if z.ndim != 2 or z.shape[1] < 2:
         raise ValueError(f"embedding_plot needs [n, >= 2] embeddings, got {list(z.shape)}")
     figure_format = _format(out, FIGURE_FORMATS)
-    fig = _figure(figsize=(5.0, 4.4), dpi=100)
+    fig = new_figure(figsize=(5.0, 4.4), dpi=100)
     ax = fig.subplots()
     if labels is None:
         ax.scatter(z[:, 0], z[:, 1], s=2, alpha=0.5)
@@ -326,7 +330,7 @@ def _run_label(run_dir, config, all_configs):
     return ", ".join(parts)
 
 
-def _examples_label(value, _position=None):
+def examples_label(value, _position=None):
     """2e5, 1e6, ...: short labels for a log axis of example counts."""
     mantissa, exponent = f"{value:.0e}".split("e")
     return f"{mantissa}e{int(exponent)}"
@@ -361,7 +365,7 @@ def plot_bound(run_dirs, out, title=None):
         config_path = run_dir / "config.json"
         configs.append(json.loads(config_path.read_text()) if config_path.is_file() else {})
     order = np.argsort([c.get("latent_dim", 0) for c in configs], kind="stable")
-    fig = _figure(figsize=(6.0, 4.2), dpi=100)
+    fig = new_figure(figsize=(6.0, 4.2), dpi=100)
     ax = fig.subplots()
     colors = rcParams["axes.prop_cycle"].by_key()["color"]
     for k, i in enumerate(order):
@@ -374,7 +378,7 @@ def plot_bound(run_dirs, out, title=None):
     # Labelled ticks at 1, 2 and 5 times powers of ten; Matplotlib's labelled minor ticks
     # at every multiple overlap over ranges of one or two decades.
     ax.xaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-    ax.xaxis.set_major_formatter(ticker.FuncFormatter(_examples_label))
+    ax.xaxis.set_major_formatter(ticker.FuncFormatter(examples_label))
     ax.xaxis.set_minor_formatter(ticker.NullFormatter())
     ax.set_xlabel("# training examples evaluated")
     ax.set_ylabel("lower bound L (nats per datapoint)")

@@ -415,10 +415,10 @@ def _plot_fig2(specs, out_dir, dataset):
     """One panel per N_z, as in the paper: AEVB and wake-sleep, train (dashed) and test."""
     from matplotlib import ticker
 
-    from keras_aevb.plotting import _examples_label, _figure
+    from keras_aevb.plotting import examples_label, new_figure
 
     latent_dims = sorted({s.latent_dim for s in specs})
-    fig = _figure(figsize=(3.2 * len(latent_dims), 3.4), dpi=100)
+    fig = new_figure(figsize=(3.2 * len(latent_dims), 3.4), dpi=100)
     axes = fig.subplots(1, len(latent_dims), squeeze=False, sharex=True)[0]
     for ax, nz in zip(axes, latent_dims, strict=True):
         for spec in (s for s in specs if s.latent_dim == nz):
@@ -430,7 +430,7 @@ def _plot_fig2(specs, out_dir, dataset):
             ax.plot(x, [r["train_elbo"] for r in rows], "--", color=color, label=f"{label} train")
             ax.plot(x, [r["test_elbo"] for r in rows], "-", color=color, label=f"{label} test")
         ax.set_xscale("log")
-        ax.xaxis.set_major_formatter(ticker.FuncFormatter(_examples_label))
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(examples_label))
         ax.xaxis.set_minor_formatter(ticker.NullFormatter())
         if not ax.lines:
             ax.text(0.5, 0.5, "not run yet", ha="center", va="center", transform=ax.transAxes)
@@ -516,10 +516,10 @@ def _plot_fig3(specs, out_dir):
     """Fig. 3: log p(x) on train and test against examples seen, one pair of panels per N."""
     from matplotlib import ticker
 
-    from keras_aevb.plotting import _examples_label, _figure
+    from keras_aevb.plotting import examples_label, new_figure
 
     sizes = sorted({s.train_examples for s in specs})
-    fig = _figure(figsize=(6.4 * len(sizes), 3.6), dpi=100)
+    fig = new_figure(figsize=(6.4 * len(sizes), 3.6), dpi=100)
     axes = fig.subplots(1, 2 * len(sizes), squeeze=False)[0]
     k = FIG3_IS_SAMPLES
     for i, n in enumerate(sizes):
@@ -538,7 +538,7 @@ def _plot_fig3(specs, out_dir):
                     label=_LABELS[spec.method],
                 )
             ax.set_xscale("log")
-            ax.xaxis.set_major_formatter(ticker.FuncFormatter(_examples_label))
+            ax.xaxis.set_major_formatter(ticker.FuncFormatter(examples_label))
             ax.xaxis.set_minor_formatter(ticker.NullFormatter())
             ax.set_title(f"$N_{{train}}$ = {n:,}, {split} (first {FIG3_EVAL_EXAMPLES})")
             ax.set_xlabel("# training samples evaluated")

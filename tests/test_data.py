@@ -256,7 +256,7 @@ def test_load_mnist_missing_file_names_it(tmp_path):
 
 def test_load_mnist_nothing_found_anywhere(monkeypatch):
     # No local files (isolated cwd, tmp paths have no shared/data) and TFDS not used.
-    monkeypatch.setattr(data, "_candidate_dirs", lambda dataset: [Path("/nonexistent")])
+    monkeypatch.setattr(data, "candidate_dirs", lambda dataset: [Path("/nonexistent")])
     with pytest.raises(DataError, match="MNIST not found.*--data-dir.*KERAS_AEVB_DATA_DIR"):
         load_mnist(use_tfds=False)
 
@@ -268,7 +268,7 @@ def test_load_mnist_tfds_fallback_failure_is_data_error(monkeypatch):
 
     fake = types.SimpleNamespace(load=failing_load, as_numpy=lambda x: x)
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", fake)
-    monkeypatch.setattr(data, "_candidate_dirs", lambda dataset: [Path("/nonexistent")])
+    monkeypatch.setattr(data, "candidate_dirs", lambda dataset: [Path("/nonexistent")])
     with pytest.raises(DataError, match="no TFDS copy.*--data-dir") as error:
         load_mnist()
     assert "\n" not in str(error.value)
@@ -284,7 +284,7 @@ def test_load_mnist_tfds_fallback_success(monkeypatch):
 
     fake = types.SimpleNamespace(load=fake_load, as_numpy=lambda x: x)
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", fake)
-    monkeypatch.setattr(data, "_candidate_dirs", lambda dataset: [Path("/nonexistent")])
+    monkeypatch.setattr(data, "candidate_dirs", lambda dataset: [Path("/nonexistent")])
     images, labels = load_mnist(split="test")
     assert calls == [("mnist", "test", False, -1)]
     np.testing.assert_array_equal(images, raw[..., 0] / np.float32(255))

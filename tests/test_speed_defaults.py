@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 import keras_aevb
-from keras_aevb.model import AEVB, DEFAULT_STEPS_PER_EXECUTION, _unpack, _weighted_mean
+from keras_aevb.model import AEVB, DEFAULT_STEPS_PER_EXECUTION, unpack_data, weighted_mean
 
 EVENT = (4, 4)
 
@@ -33,10 +33,10 @@ class TapePenaltyAEVB(AEVB):
     """The train_step as it was before the speed change: the weight penalty through the tape."""
 
     def train_step(self, data):
-        x, sample_weight = _unpack(data)
+        x, sample_weight = unpack_data(data)
         with tf.GradientTape() as tape:
             terms = self._terms(x, training=True)
-            objective = -_weighted_mean(terms["elbo"], sample_weight) + self._weight_penalty()
+            objective = -weighted_mean(terms["elbo"], sample_weight) + self._weight_penalty()
             objective = objective / tf.distribute.get_strategy().num_replicas_in_sync
             scaled = self.optimizer.scale_loss(objective)
         gradients = tape.gradient(scaled, self.trainable_variables)
