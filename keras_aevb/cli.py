@@ -891,8 +891,20 @@ def build_parser():
         help="show the traceback of errors (exit status still 2) and TensorFlow's start-up logs",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_train_command(commands)
+    _add_evaluate_command(commands)
+    _add_sample_command(commands)
+    _add_reconstruct_command(commands)
+    _add_manifold_command(commands)
+    _add_reproduce_command(commands)
+    _add_latent_tools_commands(commands)
+    _add_plot_command(commands)
+    _add_export_command(commands)
+    return parser
 
-    # ---- train
+
+def _add_train_command(commands):
+    """`train`: every flag a `TrainConfig` field, plus --preset."""
     p = commands.add_parser(
         "train",
         help="train a model into a run directory (resumes if it holds a checkpoint)",
@@ -914,7 +926,9 @@ def build_parser():
     _add_config_flags(p)
     p.set_defaults(func=cmd_train, check=check_train)
 
-    # ---- evaluate
+
+def _add_evaluate_command(commands):
+    """`evaluate`: the bound and the log-likelihood estimate, one JSON line."""
     p = commands.add_parser(
         "evaluate",
         help="print the bound and log-likelihood of a model on a data split as one JSON line",
@@ -932,7 +946,9 @@ def build_parser():
     p.add_argument("--batch-size", type=_positive_int, default=100)
     p.set_defaults(func=cmd_evaluate, check=check_evaluate)
 
-    # ---- sample
+
+def _add_sample_command(commands):
+    """`sample`: a grid of samples (Fig. 5)."""
     p = commands.add_parser("sample", help="draw samples from the model (paper Fig. 5)")
     p.add_argument("model", help="RUN_DIR/model.keras")
     p.add_argument(
@@ -946,7 +962,9 @@ def build_parser():
     _add_picture_flags(p, "a grid of")
     p.set_defaults(func=cmd_sample, check=check_sample)
 
-    # ---- reconstruct
+
+def _add_reconstruct_command(commands):
+    """`reconstruct`: data beside their reconstructions."""
     p = commands.add_parser("reconstruct", help="draw data and their reconstructions")
     p.add_argument("model", help="RUN_DIR/model.keras")
     _add_data_flags(p)
@@ -960,7 +978,9 @@ def build_parser():
     _add_picture_flags(p, "a grid of")
     p.set_defaults(func=cmd_reconstruct, check=check_reconstruct)
 
-    # ---- manifold
+
+def _add_manifold_command(commands):
+    """`manifold`: the learned 2-D manifold (Fig. 4)."""
     p = commands.add_parser(
         "manifold", help="draw the learned 2-D manifold (paper Fig. 4); needs latent_dim 2"
     )
@@ -974,7 +994,9 @@ def build_parser():
     _add_picture_flags(p, "a manifold of")
     p.set_defaults(func=cmd_manifold, check=check_manifold)
 
-    # ---- reproduce
+
+def _add_reproduce_command(commands):
+    """`reproduce`: every run of one of the paper's figures, then the figure."""
     p = commands.add_parser(
         "reproduce",
         help="train (or resume) every run of one of the paper's figures, then draw it",
@@ -1018,7 +1040,9 @@ def build_parser():
     )
     p.set_defaults(func=cmd_reproduce, check=check_reproduce)
 
-    # ---- latent tools
+
+def _add_latent_tools_commands(commands):
+    """`interpolate`, `traverse`, `embed`: the latent tools."""
     p = commands.add_parser(
         "interpolate", help="decode the latent path between pairs of examples (labelled grid)"
     )
@@ -1068,7 +1092,9 @@ def build_parser():
     p.add_argument("--plot", help="also draw z_1 against z_2, coloured by MNIST label (.png, ...)")
     p.set_defaults(func=cmd_embed, check=check_embed)
 
-    # ---- plot
+
+def _add_plot_command(commands):
+    """`plot`: the bound against examples seen (Fig. 2)."""
     p = commands.add_parser(
         "plot", help="draw the bound against examples seen, train and test (paper Fig. 2)"
     )
@@ -1081,7 +1107,9 @@ def build_parser():
     )
     p.set_defaults(func=cmd_plot, check=check_plot, tensorflow=False)
 
-    # ---- export
+
+def _add_export_command(commands):
+    """`export`: a TF Serving SavedModel version."""
     p = commands.add_parser(
         "export",
         help="export a TF Serving SavedModel as a new version under saved_models/NAME",
@@ -1108,7 +1136,6 @@ def build_parser():
         "name, or one holding saved_model.pb) or whose newest version has other signatures",
     )
     p.set_defaults(func=cmd_export)
-    return parser
 
 
 def _one_line(error):
