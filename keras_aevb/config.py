@@ -320,9 +320,13 @@ class TrainConfig:
         Raises:
             ValueError, or keras_aevb.data.DataError for an unknown data set or binarization.
         """
-        import numpy as np  # not needed by --help
+        self._check_values()
+        self._check_objective()
+        return self._check_data_and_decoder()
 
-        config = self
+    def _check_values(self):
+        """Each setting alone: a known choice, a positive count, a finite number."""
+        import numpy as np  # not needed by --help
 
         def positive(name, value, allow_none=False):
             if value is None and allow_none:
@@ -330,69 +334,72 @@ class TrainConfig:
             if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
-        if config.output is None:
+        if self.output is None:
             raise ValueError("no run directory: pass --output RUN_DIR")
-        if config.dataset not in DATASETS:
-            raise DataError(f"unknown dataset {config.dataset!r}; use one of {', '.join(DATASETS)}")
+        if self.dataset not in DATASETS:
+            raise DataError(f"unknown dataset {self.dataset!r}; use one of {', '.join(DATASETS)}")
         for name, choices in (
             ("method", METHODS),
             ("optimizer", OPTIMIZERS),
             ("strategy", STRATEGIES),
             ("decoder", DECODERS),
         ):
-            if getattr(config, name) not in choices:
-                raise ValueError(f"unknown {name} {getattr(config, name)!r}; use one of {choices}")
-        positive("latent_dim", config.latent_dim)
-        positive("num_samples", config.num_samples)
-        positive("batch_size", config.batch_size)
-        positive("lr_search_steps", config.lr_search_steps)
-        for name in ("epochs", "max_examples", "examples_per_epoch", "train_examples"):
-            positive(name, getattr(config, name), allow_none=True)
-        positive("test_examples", config.test_examples, allow_none=True)
-        if config.epochs is not None and config.max_examples is not None:
+            if getattr(self, name) not in choices:
+                raise ValueError(f"unknown {name} {getattr(self, name)!r}; use one of {choices}")
+        for name in ("latent_dim", "num_samples", "batch_size", "lr_search_steps"):
+            positive(name, getattr(self, name))
+        for name in (
+            "epochs",
+            "max_examples",
+            "examples_per_epoch",
+            "train_examples",
+            "test_examples",
+            "kl_warmup",
+        ):
+            positive(name, getattr(self, name), allow_none=True)
+        if self.epochs is not None and self.max_examples is not None:
             raise ValueError("pass either --epochs or --max-examples, not both")
-        if config.hidden_units is not None:
-            for units in config.hidden_units:
-                positive("hidden_units", units)
-        positive("kl_warmup", config.kl_warmup, allow_none=True)
+        for units in self.hidden_units or ():
+            positive("hidden_units", units)
         for name in ("beta", "free_bits"):
-            value = getattr(config, name)
+            value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        if config.method != "aevb" and (
-            config.estimator == "iwae" or config.gradient != "reparameterization"
+        if self.weight_decay is not None and not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if self.learning_rate != "auto":
+            try:
+                rate = float(self.learning_rate)
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"learning rate must be 'auto' or a positive number, got {self.learning_rate!r}"
+                ) from None
+            if not rate > 0 or not math.isfinite(rate):
+                raise ValueError(f"learning rate must be positive and finite, got {rate!r}")
+
+    def _check_objective(self):
+        """The objective's settings against the method and the optimizer."""
+        if self.method != "aevb" and (
+            self.estimator == "iwae" or self.gradient != "reparameterization"
         ):
             raise ValueError(
                 f"--estimator iwae and --gradient dreg are AEVB's objectives; --method "
-                f"{config.method} trains by its own rule: drop them"
+                f"{self.method} trains by its own rule: drop them"
             )
-        if config.method != "aevb" and (config.beta != 1.0 or config.kl_warmup or config.free_bits):
+        if self.method != "aevb" and (self.beta != 1.0 or self.kl_warmup or self.free_bits):
             raise ValueError(
                 f"--beta, --kl-warmup and --free-bits change AEVB's objective; --method "
-                f"{config.method} trains by its own rule: drop them"
+                f"{self.method} trains by its own rule: drop them"
             )
-        if (
-            config.optimizer == "iwae_adam"
-            and config.lr_candidates
-            and len(config.lr_candidates) > 1
-        ):
+        if self.optimizer == "iwae_adam" and self.lr_candidates and len(self.lr_candidates) > 1:
             raise ValueError(
                 "iwae_adam follows its schedule from one starting step size: give lr_candidates "
                 "one value, or --learning-rate"
             )
-        if config.weight_decay is not None and not config.weight_decay >= 0:
-            raise ValueError(f"weight_decay must be >= 0, got {config.weight_decay!r}")
-        if config.learning_rate != "auto":
-            try:
-                rate = float(config.learning_rate)
-            except (TypeError, ValueError):
-                raise ValueError(
-                    "learning rate must be 'auto' or a positive number, got "
-                    f"{config.learning_rate!r}"
-                ) from None
-            if not rate > 0 or not math.isfinite(rate):
-                raise ValueError(f"learning rate must be positive and finite, got {rate!r}")
-        binarization = config.binarization or DEFAULT_BINARIZATION[config.dataset]
+
+    def _check_data_and_decoder(self):
+        """The binarization against the decoder: binary pixels for Bernoulli, grey for Gaussian."""
+        binarization = self.binarization or DEFAULT_BINARIZATION[self.dataset]
         if binarization not in BINARIZATIONS:
             raise DataError(
                 f"unknown binarization {binarization!r}; use one of {', '.join(BINARIZATIONS)}"
