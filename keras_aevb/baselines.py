@@ -50,6 +50,11 @@ class _Baseline(AEVB):
             logs[name] = tracker.result()
         return logs
 
+    def block_step(self):
+        """None: the baselines' steps draw their own samples (wake-sleep's dreams, the HMC
+        chains), so they train step by step, never in XLA blocks."""
+        return None
+
     def _penalty(self, variables):
         """weight_decay / 2 * ||theta||^2 over `variables` (the paper's N(0, I) weight prior)."""
         if not self.weight_decay or not variables:

@@ -460,15 +460,33 @@ class AEVB(SavesGeneratorStates, keras.Model):
         """Whether fit/evaluate use keras_aevb.execution (one device, compiled) or Keras's."""
         return not self.run_eagerly and _is_default_strategy(self.distribute_strategy)
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # A subclass that writes its own train_step and not how a block runs it trains step by
+        # step: blocks would run the inherited block step instead of its own.
+        if "train_step" in cls.__dict__ and "block_step" not in cls.__dict__:
+            cls.block_step = AEVB._no_block_step
+
+    def block_step(self):
+        """The training step as XLA blocks run it (`keras_aevb.execution`), or None.
+
+        A function `(x, eps) -> logs` of one full batch and its noise eps ~ p(eps), which
+        `compile(jit_compile="auto")` runs inside one XLA computation per block of steps. AEVB's
+        is `train_step` with the noise given. A subclass that overrides `train_step` gets None
+        (step by step, its own step on every batch) unless it overrides `block_step` too.
+        """
+        return lambda x, eps: self._train_step(x, None, eps)
+
+    def _no_block_step(self):
+        return None
+
     def _uses_xla_blocks(self):
-        # Only this class's train_step is written as `_train_step(x, None, eps)`; subclasses
-        # that override train_step (the baselines) run their own step. A layer that declares
-        # `supports_jit = False` (Keras's flag for ops XLA cannot compile) turns blocks off, as
-        # it turns off Keras's own "auto".
+        # A layer that declares `supports_jit = False` (Keras's flag for ops XLA cannot compile)
+        # turns blocks off, as it turns off Keras's own "auto".
         return (
             getattr(self, "xla_blocks", False)
             and self.posterior_layer.has_explicit_g
-            and type(self).train_step is AEVB.train_step
+            and self.block_step() is not None
             and all(getattr(layer, "supports_jit", True) for layer in self._flatten_layers())
         )
 
@@ -479,7 +497,7 @@ class AEVB(SavesGeneratorStates, keras.Model):
             return super().make_train_function(force=force)
         block = None
         if self._uses_xla_blocks():
-            block = (lambda x, eps: self._train_step(x, None, eps), self._block_noise)
+            block = (self.block_step(), self._block_noise)
         self.train_function = execution.make_execution_function(
             self, self.train_step, "train", jit_step=self.jit_compile, block=block
         )

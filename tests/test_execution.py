@@ -115,6 +115,48 @@ def test_a_layer_without_jit_support_turns_blocks_off():
     assert model.xla_blocks and not model._uses_xla_blocks()
 
 
+class _CountingStep(keras_aevb.AEVB):
+    """A user's subclass with a train step of its own (here AEVB's, counted)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.own_steps = tf.Variable(0, dtype=tf.int64, trainable=False)
+
+    def train_step(self, data):
+        self.own_steps.assign_add(1)
+        return super().train_step(data)
+
+
+class _CountingStepWithBlocks(_CountingStep):
+    """The same subclass, declaring how an XLA block runs its step."""
+
+    def block_step(self):
+        step = super().block_step() or (lambda x, eps: self._train_step(x, None, eps))
+        return lambda x, eps: (self.own_steps.assign_add(1), step(x, eps))[1]
+
+
+def test_a_subclass_with_its_own_train_step_runs_it_unless_it_declares_a_block_step(
+    binary_data,
+):
+    # A subclass that overrides train_step must see its own step run on every batch: blocks run
+    # `block_step`, which the subclass did not write, so they are off for it (the baselines are
+    # such subclasses). A subclass that declares its block step trains in blocks.
+    data = tf.data.Dataset.from_tensor_slices(binary_data).batch(16)  # 6 full batches
+    model = tiny_model(cls=_CountingStep)
+    model.compile(optimizer=keras_aevb.paper_optimizer(0.05), steps_per_execution=3)
+    assert model.block_step() is None and not model._uses_xla_blocks()
+    model.fit(data, epochs=1, verbose=0)
+    assert int(model.own_steps.numpy()) == 6
+    blocked = tiny_model(cls=_CountingStepWithBlocks)
+    blocked.compile(optimizer=keras_aevb.paper_optimizer(0.05), steps_per_execution=3)
+    assert blocked._uses_xla_blocks()
+    executed = count_blocks(blocked)
+    blocked.fit(data, epochs=1, verbose=0)
+    assert (int(executed.numpy()), int(blocked.own_steps.numpy())) == (2, 6)
+    for baseline in (keras_aevb.WakeSleep, keras_aevb.MonteCarloEM):
+        assert tiny_model(cls=baseline).block_step() is None
+
+
 @pytest.mark.parametrize("steps_per_execution", [1, 4, 100])
 @pytest.mark.parametrize("steps_per_epoch", [1, 3, 7])
 def test_fit_runs_exactly_steps_per_epoch(binary_data, steps_per_execution, steps_per_epoch):
