@@ -18,6 +18,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
+from keras_aevb._cache import model_cache
 from keras_aevb.estimator import scalar_factors
 
 __all__ = [
@@ -65,7 +66,7 @@ def _gradient_step(model, method, num_samples):
     """A compiled (bound, gradient) function, cached on the model per (method, L)."""
     if method not in GRADIENT_METHODS:
         raise ValueError(f"Unknown method {method!r}; use one of {GRADIENT_METHODS}.")
-    cache = model.__dict__.setdefault("_gradient_steps", {})
+    cache = model_cache(model, "gradient_steps")
     if (method, num_samples) in cache:
         return cache[(method, num_samples)]
     variables = model.encoder.trainable_variables

@@ -29,6 +29,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_aevb._cache import model_cache
+
 __all__ = [
     "DataGuard",
     "ExecutionCursor",
@@ -80,16 +82,16 @@ class DataGuard:
 
 def data_guard(model):
     """The model's `DataGuard` (created once, outside any function; not saved with the model)."""
-    guard = model.__dict__.get("_keras_aevb_data_guard")
-    if guard is None:
+    cache = model_cache(model, "execution")
+    if "data_guard" not in cache:
         with tf.init_scope():
-            guard = model.__dict__["_keras_aevb_data_guard"] = DataGuard()
-    return guard
+            cache["data_guard"] = DataGuard()
+    return cache["data_guard"]
 
 
 def active_guard(model):
     """The guard of the execution being traced or run, or None (Keras's own loops)."""
-    guard = model.__dict__.get("_keras_aevb_data_guard")
+    guard = model_cache(model, "execution").get("data_guard")
     return guard if guard is not None and guard.active else None
 
 

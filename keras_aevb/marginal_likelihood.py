@@ -29,6 +29,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
+from keras_aevb._cache import model_cache
+
 __all__ = [
     "HMC_MAX_RELIABLE_LATENT_DIM",
     "hmc_log_likelihood",
@@ -131,9 +133,9 @@ def _log_weight_chunk_fn(model):
     `tf.while_loop`), so no chunk pays a Python call and a copy back to NumPy. Cached on the
     model so repeated calls (batches, evaluations) reuse one trace.
     """
-    cached = model.__dict__.get("_keras_aevb_log_weight_chunk")
-    if cached is not None:
-        return cached
+    cache = model_cache(model, "log_likelihood")
+    if "chunk_step" in cache:
+        return cache["chunk_step"]
 
     def chunk_lse(x, params, start, k, seed):
         posterior = model.posterior_layer.distribution(params)
@@ -159,7 +161,7 @@ def _log_weight_chunk_fn(model):
         )
         return lse.stack()
 
-    model.__dict__["_keras_aevb_log_weight_chunk"] = step
+    cache["chunk_step"] = step
     return step
 
 
@@ -320,7 +322,7 @@ def _hmc_estimate_fn(
     model, num_chains, draws_per_chain, num_burnin_steps, num_leapfrog_steps, target_accept_prob
 ):
     key = (num_chains, draws_per_chain, num_burnin_steps, num_leapfrog_steps, target_accept_prob)
-    cache = model.__dict__.setdefault("_keras_aevb_hmc_estimate", {})
+    cache = model_cache(model, "hmc_estimate")
     if key in cache:
         return cache[key]
 

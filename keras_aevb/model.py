@@ -10,6 +10,7 @@ import tensorflow as tf
 from keras import ops
 
 from keras_aevb import execution, inputs
+from keras_aevb._cache import model_cache
 from keras_aevb.data import DataError
 from keras_aevb.estimator import (
     ESTIMATOR_NAMES,
@@ -454,7 +455,7 @@ class AEVB(SavesGeneratorStates, keras.Model):
 
     @property
     def _execution_state(self):
-        return self.__dict__.setdefault("_keras_aevb_execution_state", {})
+        return model_cache(self, "execution_state")
 
     def _runs_lean_executions(self):
         """Whether fit/evaluate use keras_aevb.execution (one device, compiled) or Keras's."""
@@ -756,9 +757,9 @@ class AEVB(SavesGeneratorStates, keras.Model):
         self._check_values(sample)
         message = self.decoder.check_data(sample) if sample.size else None
         if message:
-            seen = self.__dict__.setdefault("_warned", set())
+            seen = model_cache(self, "warned")  # once per message and model
             if message not in seen:
-                seen.add(message)
+                seen[message] = True
                 warnings.warn(message, UserWarning, stacklevel=4)
 
     def _event_data(self, x, y, sample_weight):

@@ -84,3 +84,13 @@ def test_every_public_name_exists(module):
     imported = importlib.import_module(f"keras_aevb.{module}")
     missing = [name for name in imported.__all__ if not hasattr(imported, name)]
     assert missing == []
+
+
+def test_only_the_cache_module_writes_into_a_models_dict():
+    # Caches of compiled functions live in one place (keras_aevb._cache.model_cache), not in
+    # keys that each module plants in `model.__dict__`.
+    import re
+
+    planted = re.compile(r"\b(model|self)\.__dict__")
+    writers = [m for m in MODULES if planted.search((PACKAGE / f"{m}.py").read_text())]
+    assert writers == ["_cache"]
