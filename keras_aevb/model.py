@@ -20,6 +20,7 @@ from keras_aevb.estimator import (
     resolve_estimator,
     sgvb_terms,
 )
+from keras_aevb.families import get_family, reference_params
 from keras_aevb.posterior import ReparameterizedPosterior, SavesGeneratorStates, stateless_seed
 from keras_aevb.prior import check_support, make_prior, sample_prior
 from keras_aevb.schedules import KLSchedule
@@ -162,7 +163,7 @@ class AEVB(SavesGeneratorStates, keras.Model):
             pair_name=f"posterior={posterior!r} and prior={_prior_name(prior)!r}",
         )
         reference_posterior = self.posterior_layer.distribution(
-            _reference_params(self.posterior_layer.param_names, self.latent_dim)
+            reference_params(get_family(posterior), self.latent_dim)
         )
         self.estimator = resolve_estimator(
             estimator,
@@ -983,10 +984,6 @@ class _Untracked:
 
     def __init__(self, value):
         self.value = value
-
-
-def _reference_params(param_names, latent_dim):
-    return {name: tf.zeros([1, latent_dim]) for name in param_names}
 
 
 def _prior_name(prior):

@@ -214,3 +214,27 @@ def test_non_tensorflow_backend_is_an_import_error_with_the_fix(monkeypatch):
     monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
     with pytest.raises(ImportError, match="using 'jax'.*KERAS_BACKEND=tensorflow"):
         require_tensorflow_backend()
+
+
+@pytest.mark.parametrize("posterior", ["normal", "exponential", "gamma", "uniform"])
+def test_the_estimator_is_resolved_on_a_valid_posterior(monkeypatch, posterior):
+    # The estimator is chosen on a reference q(z|x) made from encoder outputs of 0 through the
+    # family's constraints (keras_aevb.families.reference_params): a valid distribution, whose
+    # samples have a finite log density (raw zeros as constrained parameters gave an Exponential
+    # with rate 0).
+    from keras_aevb import model as model_lib
+
+    seen = []
+    resolve = model_lib.resolve_estimator
+
+    def spy(estimator, reference, prior, pair_name):
+        seen.append(reference)
+        return resolve(estimator, reference, prior, pair_name)
+
+    monkeypatch.setattr(model_lib, "resolve_estimator", spy)
+    encoder = keras_aevb.MLPEncoder(2, (4,), posterior=posterior)
+    decoder = keras_aevb.BernoulliDecoder((4,), (4,))
+    keras_aevb.AEVB(encoder, decoder, posterior=posterior, prior=posterior)
+    (reference,) = seen
+    z = reference.sample(seed=1)
+    assert np.isfinite(reference.log_prob(z).numpy()).all()
