@@ -251,12 +251,11 @@ class AEVBServingModule(tf.Module):
         latent_dim = self._model.latent_dim
         if family.g is not None:
             eps = family.noise((num_samples, 1, latent_dim), reference.dtype, seed)
-            return family.g(eps, params)
-        distribution = self._model.posterior_layer.distribution
+            return family.sample(params, num_samples, seed, eps=eps)
 
         def one_example(example_params):
             batch_of_one = {k: v[None] for k, v in example_params.items()}
-            return distribution(batch_of_one).sample(num_samples, seed=seed)[:, 0]
+            return family.sample(batch_of_one, num_samples, seed)[:, 0]
 
         z = tf.map_fn(
             one_example,

@@ -234,6 +234,25 @@ class Family:
         """`tfd.Independent` over the last (latent) axis: log_prob sums over latent dims."""
         return tfd.Independent(self.build(params), reinterpreted_batch_ndims=1)
 
+    def sample(self, params, num_samples, seed, eps=None):
+        """z ~ q(z|x), `[num_samples, batch, latent_dim]`: the one sampling path of a family.
+
+        Where the family has an explicit g (eq. 4), z = g(eps, params) with eps ~ p(eps) drawn
+        from the stateless `seed` (or the given `eps`, which fixes num_samples and the shape);
+        otherwise TFP's implicitly reparameterized sample from `seed`. `num_samples` may be a
+        tensor (no retrace per count).
+        """
+        if eps is not None:
+            return self._g(eps, params)
+        if self.g is None:
+            return self.distribution(params).sample(num_samples, seed=seed)
+        reference = params[self.param_names[0]]
+        if isinstance(num_samples, int):
+            shape = (num_samples, *ops.shape(reference))
+        else:
+            shape = tf.concat([[num_samples], tf.shape(reference)], axis=0)
+        return self._g(self.noise(shape, reference.dtype, seed), params)
+
 
 # ---------------------------------------------------------------- real line
 

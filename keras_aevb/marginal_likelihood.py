@@ -30,6 +30,7 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from keras_aevb._cache import model_cache
+from keras_aevb.families import get_family
 
 __all__ = [
     "HMC_MAX_RELIABLE_LATENT_DIM",
@@ -187,13 +188,7 @@ def _sample_block_range(model, params, start, k, seed):
 
 def _sample_posterior(model, params, k, seed):
     """k draws z ~ q(z|x), `[k, batch, latent_dim]`; k may be a tensor (no retrace per k)."""
-    layer = model.posterior_layer
-    family = layer._family
-    if family.g is not None:
-        reference = params[family.param_names[0]]
-        shape = tf.concat([[k], tf.shape(reference)], axis=0)
-        return family.g(family.noise(shape, reference.dtype, seed), params)
-    return layer.distribution(params).sample(k, seed=seed)
+    return get_family(model.posterior_layer.family).sample(params, k, seed)
 
 
 # ------------------------------------------------------------------------- App. D estimator

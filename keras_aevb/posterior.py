@@ -2,7 +2,6 @@
 
 import keras
 import tensorflow as tf
-from keras import ops
 
 from keras_aevb.families import check_reparameterized, get_family
 
@@ -134,7 +133,6 @@ class ReparameterizedPosterior(SavesGeneratorStates, keras.layers.Layer):
             eps: optional noise eps ~ p(eps) of shape `[L, batch, latent_dim]`, drawn by the
                 caller with `noise`; z = g(eps, params) (families with an explicit g only).
         """
-        family = self._family
         if eps is not None:
             return self.g(eps, params)
         num_samples = self.num_samples if num_samples is None else int(num_samples)
@@ -144,11 +142,7 @@ class ReparameterizedPosterior(SavesGeneratorStates, keras.layers.Layer):
             # Every replica reads the same generator state: fold in the replica id so the
             # replicas' eps are independent draws, as on one device.
             seed = tf.random.experimental.stateless_fold_in(seed, replica.replica_id_in_sync_group)
-        if family.g is not None:
-            reference = params[family.param_names[0]]
-            shape = (num_samples, *ops.shape(reference))
-            return family.g(family.noise(shape, reference.dtype, seed), params)
-        return self.distribution(params).sample(num_samples, seed=seed)
+        return self._family.sample(params, num_samples, seed)
 
     def noise(self, shape, dtype="float32", seed=None):
         """eps ~ p(eps) of the given shape (families with an explicit g), from a stateless seed.
