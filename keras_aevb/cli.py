@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import inspect
 import json
 import math
 import os
@@ -221,10 +220,8 @@ def load_model(path):
 
     _model_archive(path)
     path = Path(path)
-    try:  # registers the baselines' classes, if that module is installed
-        import keras_aevb.baselines  # noqa: F401
-    except ImportError:
-        pass
+    import keras_aevb.baselines  # noqa: F401 (registers the baselines' classes)
+
     try:
         model = keras.saving.load_model(path, compile=False)
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -594,23 +591,16 @@ def cmd_evaluate(args):
         "dataset": dataset,
     }
     if args.num_samples > 0:
-        try:
-            from keras_aevb import marginal_likelihood
-        except ImportError as e:
-            raise UsageError(
-                f"--num-samples needs keras_aevb.marginal_likelihood, which is not available "
-                f"({e}); pass --num-samples 0 for the bound alone"
-            ) from None
+        from keras_aevb import marginal_likelihood
+
         if args.method == "importance":
             values = marginal_likelihood.log_likelihood(
                 model, x, num_samples=args.num_samples, batch_size=args.batch_size, seed=seed
             )
         else:
-            function = marginal_likelihood.hmc_log_likelihood
-            kwargs = {"seed": seed}
-            if "num_samples" in inspect.signature(function).parameters:
-                kwargs["num_samples"] = args.num_samples
-            values = function(model, x, **kwargs)
+            values = marginal_likelihood.hmc_log_likelihood(
+                model, x, num_samples=args.num_samples, seed=seed
+            )
         result["log_likelihood"] = float(np.mean(np.asarray(values, dtype=np.float64)))
         result["method"] = args.method
         result["num_samples"] = args.num_samples
@@ -827,10 +817,8 @@ def cmd_export(args):
     The path is the base directory, as for `keras_aevb.export_saved_model`: the version
     (`--version`, default the next free one) goes under it.
     """
-    try:
-        from keras_aevb.export import check_base_dir, export_saved_model
-    except ImportError as e:
-        raise UsageError(f"export needs keras_aevb.export, which is not available ({e})") from None
+    from keras_aevb.export import check_base_dir, export_saved_model
+
     check_base_dir(args.path, args.version, args.force)  # before the model is loaded
     model = load_model(args.model)
     print(export_saved_model(model, args.path, args.version, force=args.force))

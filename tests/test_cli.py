@@ -404,6 +404,17 @@ def test_missing_model_file(capsys, tmp_path):
 # ------------------------------------------------------------------------------ the other commands
 
 
+def test_evaluate_with_the_hmc_estimator_passes_num_samples(capsys, trained_run):
+    # --method hmc: the paper's App. D estimator, given the draws asked for.
+    capsys.readouterr()
+    model = str(trained_run / "model.keras")
+    argv = ["evaluate", model, "--method", "hmc", "--num-samples", "10", "--max-examples", "2"]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (result["method"], result["num_samples"], result["num_examples"]) == ("hmc", 10, 2)
+    assert math.isfinite(result["log_likelihood"])
+
+
 def test_evaluate_prints_one_json_line(capsys, trained_run):
     capsys.readouterr()
     assert main(["evaluate", str(trained_run / "model.keras"), "--num-samples", "20"]) == 0
