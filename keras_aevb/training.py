@@ -29,6 +29,11 @@ number as two non-atomic writes, so a kill between them replays or skips an epoc
 A failed run changes nothing in the run directory: data, model and settings are all checked
 before the first file is written, and every file is written to a temporary name and renamed.
 
+`train` runs a run's phases in order (`_train`); each phase's machinery lives in its own
+module: the settings and their checks in `keras_aevb.config`, the run directory's files in
+`keras_aevb.run_dir`, the model factory in `keras_aevb.paper`, the step size in
+`keras_aevb.step_size`, the per-epoch record and TensorBoard in `keras_aevb.callbacks`.
+
 Example:
 >>> result = train(TrainConfig(dataset="mnist", output="runs/nz20", epochs=3))  # doctest: +SKIP
 >>> result.history[-1]["test_elbo"]  # doctest: +SKIP
