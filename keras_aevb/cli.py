@@ -511,11 +511,8 @@ def _add_config_flags(parser):
     for field in config_lib.cli_fields():
         meta = field.metadata
         flag = meta.get("flag", "--" + field.name.replace("_", "-"))
-        kwargs = {
-            "dest": field.name,
-            "default": argparse.SUPPRESS,
-            "help": f"{meta['help']} (default: {config_lib.default_text(field)})",
-        }
+        default = "" if meta.get("required") else f" (default: {config_lib.default_text(field)})"
+        kwargs = {"dest": field.name, "default": argparse.SUPPRESS, "help": meta["help"] + default}
         for key in ("type", "choices", "metavar", "action", "required"):
             if key in meta:
                 kwargs[key] = meta[key]

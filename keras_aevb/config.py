@@ -163,13 +163,12 @@ class TrainConfig:
     """
 
     dataset: str = _setting("mnist", "the data set", choices=DATASETS)
-    output: str | None = _setting(
-        None, "the run directory", metavar="RUN_DIR", required=True, default_text="none"
-    )
+    output: str | None = _setting(None, "the run directory", metavar="RUN_DIR", required=True)
     data_dir: str | None = _setting(
         None,
         "directory with the data files",
-        default_text="keras_aevb.data.default_data_dir(): $KERAS_AEVB_DATA, else ../shared/data",
+        default_text="keras_aevb.data.default_data_dir(): $KERAS_AEVB_DATA_DIR, ./data/DATASET, "
+        "or shared/data/DATASET in the working directory or above",
     )
     latent_dim: int = _setting(
         20, "N_z, the latent dimension (J in the paper)", type=parse_positive_int
