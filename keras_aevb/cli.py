@@ -44,6 +44,7 @@ from keras_aevb.config import (
     BINARIZATIONS,
     DATASETS,
 )
+from keras_aevb.config import parse_nonnegative_int as _nonnegative_int
 from keras_aevb.config import parse_positive_int as _positive_int
 from keras_aevb.version import __version__
 
@@ -120,16 +121,6 @@ def _example_count(text):
     if not math.isfinite(value) or value < 1 or value != int(value):
         raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text!r}")
     return int(value)
-
-
-def _nonnegative_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
-    return value
 
 
 def _out_path(path, formats=IMAGE_SUFFIXES):

@@ -104,6 +104,16 @@ def parse_positive_int(text):
     return value
 
 
+def parse_nonnegative_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return value
+
+
 def parse_nonnegative_float(text):
     try:
         value = float(text)

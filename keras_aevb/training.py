@@ -328,9 +328,14 @@ class _Run:
         return len(self.train_x)
 
     @property
+    def steps_per_pass(self):
+        """Steps of one pass over the training set (its last batch may be short)."""
+        return math.ceil(self.num_train / self.config.batch_size)
+
+    @property
     def steps_per_epoch(self):
-        """A pass over the data (its last batch may be short) unless the plan says."""
-        return self.plan["steps_per_epoch"] or math.ceil(self.num_train / self.config.batch_size)
+        """A pass over the data unless the plan says otherwise."""
+        return self.plan["steps_per_epoch"] or self.steps_per_pass
 
     def training_dataset(self, initial_step=0):
         """The training input: one endless stream addressed by step, so a resumed run continues
@@ -499,8 +504,7 @@ def _compiled_model(run):
     with run.strategy.scope():
         model = run.build()
         model.set_weights(run.initial_weights)
-        steps_per_pass = math.ceil(run.num_train / config.batch_size)
-        optimizer = make_optimizer(config.optimizer, run.learning_rate, steps_per_pass)
+        optimizer = make_optimizer(config.optimizer, run.learning_rate, run.steps_per_pass)
         model.compile(optimizer=optimizer)
         if run.state is None:
             return model, 0, []
