@@ -35,11 +35,11 @@ def _images(num_examples):
 
 
 def _examples_per_second(images, checked, epochs):
-    original = AEVB._check_step_data
+    original = AEVB.check_step_data
     if not checked:
-        AEVB._check_step_data = lambda self, x: self._as_event(x)
-        saved_copy = execution._training_state
-        execution._training_state = lambda model: []  # no state copy per execution either
+        AEVB.check_step_data = lambda self, x: self.as_event(x)
+        saved_copy = execution.training_state
+        execution.training_state = lambda model: []  # no state copy per execution either
     try:
         model = keras_aevb.paper_model("mnist", latent_dim=20, seed=0)
         model.compile(optimizer=keras_aevb.paper_optimizer(0.02))
@@ -50,9 +50,9 @@ def _examples_per_second(images, checked, epochs):
         examples = epochs * len(images)
         return examples / (time.perf_counter() - start), examples / (time.process_time() - cpu)
     finally:
-        AEVB._check_step_data = original
+        AEVB.check_step_data = original
         if not checked:
-            execution._training_state = saved_copy
+            execution.training_state = saved_copy
 
 
 def main():

@@ -131,13 +131,14 @@ def make_step_loop(images, batch_size, steps, jit_compile=False):
     batch = tf.constant(data.binarize(images[:batch_size], "static", seed=0))
 
     if jit_compile:
-        eps = model._block_noise(steps, batch_size)
+        eps = model.block_noise(steps, batch_size)
+        step = model.block_step()
 
         @tf.function(jit_compile=True)
         def xla_loop(eps):
             _, loss = tf.while_loop(
                 lambda k, loss: k < steps,
-                lambda k, loss: (k + 1, model._train_step(batch, None, eps[k])["loss"]),
+                lambda k, loss: (k + 1, step(batch, eps[k])["loss"]),
                 (tf.constant(0), tf.constant(0.0)),
             )
             return loss

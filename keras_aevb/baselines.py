@@ -44,7 +44,7 @@ class _Baseline(AEVB):
         return list(self.trackers.values()) + list(self.extra_trackers.values())
 
     def _update_all_metrics(self, terms, extras, sample_weight):
-        logs = self._update_metrics(terms, sample_weight)
+        logs = self.update_metrics(terms, sample_weight)
         for name, tracker in self.extra_trackers.items():
             tracker.update_state(extras[name])
             logs[name] = tracker.result()
@@ -115,7 +115,7 @@ class WakeSleep(_Baseline):
 
     def train_step(self, data):
         x, sample_weight = unpack_data(data)
-        x = self._check_step_data(x)
+        x = self.check_step_data(x)
         batch = ops.shape(x)[0]
         with tf.GradientTape() as tape:
             # Wake: z ~ q(z|x), fixed; theta ascends log p(x|z) (log p(z) has no theta).
@@ -312,7 +312,7 @@ class MonteCarloEM(_Baseline):
 
     def train_step(self, data):
         x, index, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        x = self._check_step_data(x)
+        x = self.check_step_data(x)
         index = ops.cast(ops.reshape(index, (-1,)), "int32")
         log_joint = log_joint_fn(self, x)
 
@@ -365,7 +365,7 @@ class MonteCarloEM(_Baseline):
         # The recognition model (evaluation only): one step up the bound, theta fixed.
         encoder_variables = self.encoder.trainable_variables
         with tf.GradientTape() as tape:
-            terms = self._terms(x, training=True)
+            terms = self.bound_terms(x, training=True)
             objective = -weighted_mean(terms["elbo"], sample_weight)
             objective = objective + self._penalty(encoder_variables)
         if encoder_variables:

@@ -58,7 +58,7 @@ def bound_and_gradient(model, x, method="reparameterization", num_samples=1, see
         and the flattened gradient over the encoder's trainable weights, both NumPy.
     """
     step = _gradient_step(model, method, int(num_samples))
-    bound, gradient = step(model._as_event(x), tf.constant(seed, tf.int32))
+    bound, gradient = step(model.as_event(x), tf.constant(seed, tf.int32))
     return float(bound), gradient.numpy()
 
 
@@ -75,7 +75,7 @@ def _gradient_step(model, method, num_samples):
     def step(x, seed):
         with tf.GradientTape() as tape:
             if method == "reparameterization":
-                terms = model._terms(x, training=True, num_samples=num_samples, seed=seed)
+                terms = model.bound_terms(x, training=True, num_samples=num_samples, seed=seed)
                 bound = surrogate = tf.reduce_mean(terms["elbo"])
             else:
                 params = model.encoder(x, training=True)
@@ -142,7 +142,7 @@ class ActiveUnits(NamedTuple):
 
 
 def _batches(model, x, batch_size):
-    x = model._as_event(x)
+    x = model.as_event(x)
     n = int(x.shape[0])
     for start in range(0, n, batch_size):
         yield x[start : start + batch_size]
@@ -215,7 +215,7 @@ def mutual_information(model, x, seed=0):
     N inputs given (as in He et al., 2019). It is at most log N; compute it on a sample of the
     data (1000 inputs: a 1000 x 1000 matrix of log densities). Collapsed encoders give 0.
     """
-    z_x = model._as_event(x)
+    z_x = model.as_event(x)
     n = int(z_x.shape[0])
     params = model.encoder(z_x, training=False)
     posterior = model.posterior_layer.distribution(params)

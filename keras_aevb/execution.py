@@ -1,98 +1,394 @@
 """How `AEVB.fit` and `AEVB.evaluate` run their steps: many per call, exactly as many as asked.
 
-Keras calls a model's train function once per "execution" of `steps_per_execution` steps. At
-the paper's minibatch (M = 100) a step of the MNIST model is a few milliseconds on a CPU, so
-what runs around the steps matters as much as the steps (benchmarks/BENCHMARKS.md):
+`Executions` is the part of `AEVB` that is about running steps, not about the model: the
+`compile`/`fit`/`evaluate`/`predict` overrides and the train/test functions Keras calls. Keras
+calls a model's train function once per "execution" of `steps_per_execution` steps. At the
+paper's minibatch (M = 100) a step of the MNIST model is a few milliseconds on a CPU, so what
+runs around the steps matters as much as the steps (benchmarks/BENCHMARKS.md):
 
 - `make_execution_function` builds a lean loop: one `tf.function` call runs up to `limit`
   steps, each on the iterator's next element, with no `tf.cond` around the step (Keras 3's own
   loop wraps every step in one and in `tf.experimental.Optional`s, measured slower).
-- With `xla_blocks`, consecutive full batches are stacked into blocks and each block's steps
-  run inside one XLA computation (`jit_compile=True` over a `tf.while_loop` of steps): XLA
-  fuses the element-wise work of the step and keeps the weights in place between steps, where
-  TensorFlow's executor runs each element-wise op as its own pass over memory. The noise
-  eps ~ p(eps) of the block's steps is drawn before the block, outside XLA: XLA's CPU random
-  number generators were measured an order of magnitude slower than TensorFlow's kernels for
-  these shapes.
-  A block that would hold a short or uneven batch (an epoch's last) runs step by step.
+- XLA blocks (`keras_aevb.xla_blocks`): consecutive full batches run inside one XLA
+  computation. A model takes part by declaring its step as blocks run it: `block_step()`, a
+  function `(x, noise) -> logs`, and `step_noise(batch_size)`, the random draws of one step
+  from the model's generators (AEVB: eps ~ p(eps)), which blocks draw before the block, in the
+  order step-by-step training draws them. A subclass with a `train_step` of its own trains step
+  by step unless it declares its block step too.
 - `limit` comes from `ExecutionCursor`, so an execution never runs past `steps_per_epoch` or
   `evaluate(steps=...)`: Keras alone runs whole executions, which trains more steps than asked
   whenever `steps_per_execution` does not divide them.
+- Every batch is checked inside the step (`keras_aevb.data_guard`); a bad batch undoes the
+  execution and raises `DataError` naming it.
 
 Only models on the default (single-device) strategy take these paths; under a `tf.distribute`
-strategy with several replicas Keras's own functions run (`AEVB.make_train_function`).
+strategy Keras's own functions run, with the two workarounds at the end of this module.
 """
 
+import contextlib
 import math
+import warnings
 
 import keras
 import numpy as np
 import tensorflow as tf
+from keras import ops
 
+from keras_aevb import inputs
 from keras_aevb._cache import model_cache
+from keras_aevb._io import DataError
+from keras_aevb.data_guard import DataGuard, active_guard, data_guard, raise_data_error
+from keras_aevb.xla_blocks import MAX_BLOCK_BYTES, bounded_fetch, make_block_runner
 
 __all__ = [
+    "DEFAULT_STEPS_PER_EXECUTION",
     "DataGuard",
     "ExecutionCursor",
+    "Executions",
     "MAX_BLOCK_BYTES",
+    "MIN_ADDRESSED_VALUES",
     "active_guard",
     "data_guard",
     "execution_limit",
+    "is_default_strategy",
     "make_execution_function",
+    "reducible_logs",
     "steps_in",
     "training_state",
 ]
 
-# Largest block of stacked input batches: bounds the extra memory of `xla_blocks` (the paper's
-# M = 100 MNIST batches are 0.31 MB, so a 100-step execution is one 31 MB block; larger batches
-# are split into more, smaller blocks per execution).
-MAX_BLOCK_BYTES = 64 * 2**20
+# Training steps per call of the train function when `compile` is not told. Each call has a
+# fixed cost of Python and dispatch, of the order of a paper-model step at M = 100 on a CPU;
+# 100 steps per call hide it (benchmarks/BENCHMARKS.md, "What the defaults do"). An execution
+# stops at `steps_per_epoch` / `steps`, so the value never changes how many steps run.
+DEFAULT_STEPS_PER_EXECUTION = 100
+
+# Batches of fewer values than this stay with tf.data in `fit`: building batches next to the
+# steps (`data.AddressedBatches`) was faster for the paper's MNIST model at M = 100 and 1000 on
+# 2 CPU cores and slower at M = 20, where a batch's fixed costs weigh more than tf.data's thread
+# beside the step (benchmarks/BENCHMARKS.md).
+MIN_ADDRESSED_VALUES = 50_000
 
 
-class DataGuard:
-    """Records the first batch of an execution whose data the model refuses (keras_aevb.inputs).
+class Executions:
+    """`keras.Model`'s compile/fit/evaluate/predict as keras_aevb runs them (a mixin of `AEVB`).
 
-    Each step of an execution calls `record` with its batch's statistics (in the compiled step,
-    XLA blocks included: a variable update, no assertion, which XLA would drop). After the
-    execution, `failure()` says which step failed; the execution function then restores the
-    state it had before the execution and raises `DataError` naming the batch.
+    The model provides `train_step`, `test_step`, `metric_logs()`, `event_shape`, `decoder`
+    and the block hooks `block_step()` / `step_noise(batch_size)`.
     """
 
-    def __init__(self):
-        self.steps = tf.Variable(0, dtype=tf.int32, trainable=False, name="guard_steps")
-        # [step of the first bad batch (-1: none), its sum, min and max]
-        self.first = tf.Variable([-1.0, 0.0, 0.0, 0.0], trainable=False, name="guard_first")
-        self.active = False  # read when a step is traced: whether it runs in an execution here
+    # ------------------------------------------------------------ the hooks a model declares
 
-    def reset(self):
-        self.steps.assign(0)
-        self.first.assign([-1.0, 0.0, 0.0, 0.0])
+    def block_step(self):
+        """The training step as XLA blocks run it: `(x, noise) -> logs`, or None.
 
-    def record(self, bad, statistics):
-        step = tf.cast(self.steps.assign_add(1), tf.float32) - 1.0
-        first = self.first.read_value()
-        entry = tf.concat([tf.reshape(step, [1]), tf.cast(statistics, tf.float32)], axis=0)
-        self.first.assign(tf.where((first[0] < 0.0) & bad, entry, first))
+        `x` is one full batch and `noise` that step's `step_noise`. None: the model trains
+        step by step (its `train_step` on every batch), without XLA blocks.
+        """
+        return None
 
-    def failure(self):
-        """`(step in the execution, statistics)` of the first bad batch, or None."""
-        first = self.first.numpy()
-        return None if first[0] < 0 else (int(first[0]), first[1:])
+    def step_noise(self, batch_size):
+        """The random draws of one training step, from the model's generators (a nest)."""
+        raise NotImplementedError
 
+    def block_noise(self, steps, batch_size):
+        """`step_noise` of `steps` consecutive steps, stacked on a leading axis.
 
-def data_guard(model):
-    """The model's `DataGuard` (created once, outside any function; not saved with the model)."""
-    cache = model_cache(model, "execution")
-    if "data_guard" not in cache:
-        with tf.init_scope():
-            cache["data_guard"] = DataGuard()
-    return cache["data_guard"]
+        Drawn in the order of the steps from the same generators, so the same seed gives the
+        same noise stream in XLA blocks or step by step.
+        """
+        first = self.step_noise(batch_size)
+        leaves = tf.nest.flatten(first)
+        arrays = [tf.TensorArray(leaf.dtype, size=steps).write(0, leaf) for leaf in leaves]
 
+        def body(k, arrays):
+            draws = tf.nest.flatten(self.step_noise(batch_size))
+            return k + 1, [a.write(k, d) for a, d in zip(arrays, draws, strict=True)]
 
-def active_guard(model):
-    """The guard of the execution being traced or run, or None (Keras's own loops)."""
-    guard = model_cache(model, "execution").get("data_guard")
-    return guard if guard is not None and guard.active else None
+        _, arrays = tf.while_loop(lambda k, arrays: k < steps, body, (tf.constant(1), arrays))
+        return tf.nest.pack_sequence_as(first, [a.stack() for a in arrays])
+
+    def uses_xla_blocks(self):
+        """Whether `fit` runs the model's full batches in XLA blocks.
+
+        Needs `compile(jit_compile="auto" or True)` on one device, a declared `block_step`,
+        and no layer declaring `supports_jit = False` (Keras's flag for ops XLA cannot
+        compile, which turns Keras's own "auto" off too).
+        """
+        return (
+            getattr(self, "xla_blocks", False)
+            and self.block_step() is not None
+            and all(getattr(layer, "supports_jit", True) for layer in self._flatten_layers())
+        )
+
+    def check_step_data(self, x):
+        """The data check of every batch, inside the compiled step; returns x in event shape.
+
+        In keras_aevb's executions the first bad batch is recorded and the execution raises
+        `DataError` naming it, with the weights restored (`keras_aevb.data_guard`): XLA drops
+        assertions. Run eagerly, the step raises at once; in Keras's own loop (a
+        `tf.distribute` strategy) an assertion stops the step before its update.
+        """
+        x = self.as_event(x)
+        statistics = inputs.batch_statistics(x)
+        guard = active_guard(self)
+        if guard is not None:
+            guard.record(inputs.batch_is_bad(self.decoder, statistics), statistics)
+            return x
+        if tf.executing_eagerly():
+            message = inputs.statistics_error(self.decoder, statistics.numpy())
+            if message:
+                raise DataError(message)
+            return x
+        check = tf.debugging.Assert(
+            tf.logical_not(inputs.batch_is_bad(self.decoder, statistics)),
+            ["keras_aevb: a batch holds NaN, inf or values outside the decoder's support; "
+             "sum, min and max of the batch:", statistics],
+        )  # fmt: skip
+        with tf.control_dependencies([check]):
+            return tf.identity(x)
+
+    # ------------------------------------------------------------ compiling
+
+    def compile(
+        self,
+        optimizer="rmsprop",
+        loss=None,
+        loss_weights=None,
+        metrics=None,
+        weighted_metrics=None,
+        run_eagerly=False,
+        steps_per_execution=None,
+        jit_compile="auto",
+        **kwargs,
+    ):
+        """`keras.Model.compile` with defaults chosen by measurement for this model.
+
+        - `steps_per_execution`: `DEFAULT_STEPS_PER_EXECUTION` (100; 1 when `run_eagerly` or
+          under a `tf.distribute` strategy, where Keras's own loop runs). `fit` and `evaluate`
+          still run exactly `steps_per_epoch` / `steps` steps (an execution stops there);
+          batch-level callbacks see every execution's last batch.
+        - `jit_compile="auto"`: training runs in XLA blocks (`xla_blocks`): the steps of an
+          execution's full batches run inside one XLA computation, with the noise drawn
+          outside it. Taken where the model declares a block step (AEVB: where the posterior
+          family has an explicit z = g(eps, phi): normal, laplace, logistic, ...; families
+          sampled by TFP's implicit reparameterization train step by step without XLA).
+          Single steps (evaluation, an epoch's short last batch) run without XLA, Keras's
+          rule on CPU. `jit_compile=True` also compiles those single steps; `False` turns XLA
+          off everywhere.
+
+        Any value the caller passes is used as given. Under a `tf.distribute` strategy with
+        several replicas Keras's own loop runs, with a default of 1 step per execution: Keras 3
+        fails on `steps_per_execution > 1` with `MirroredStrategy` (keras-team/keras#19246,
+        "You must feed a value for placeholder").
+        """
+        replicas = self.distribute_strategy.num_replicas_in_sync
+        if steps_per_execution is None:
+            # Keras's own loop (eager, or any tf.distribute strategy, even of one replica) runs
+            # whole executions: more steps than `steps_per_epoch` asks on an endless dataset.
+            own_loop = run_eagerly or not is_default_strategy(self.distribute_strategy)
+            steps_per_execution = 1 if own_loop else DEFAULT_STEPS_PER_EXECUTION
+        elif steps_per_execution > 1 and replicas > 1:
+            warnings.warn(
+                f"steps_per_execution={steps_per_execution} with {replicas} replicas: Keras 3 "
+                "fails on this with MirroredStrategy (keras-team/keras#19246); pass "
+                "steps_per_execution=1 if fit raises 'You must feed a value for placeholder'.",
+                UserWarning,
+                stacklevel=2,
+            )
+        self.xla_blocks = bool(jit_compile) and not run_eagerly and replicas == 1
+        super().compile(
+            optimizer=optimizer,
+            loss=loss,
+            loss_weights=loss_weights,
+            metrics=metrics,
+            weighted_metrics=weighted_metrics,
+            run_eagerly=run_eagerly,
+            steps_per_execution=steps_per_execution,
+            # "auto": XLA for the blocks only (above); Keras's "auto" (off on CPU) elsewhere.
+            jit_compile=jit_compile,
+            **kwargs,
+        )
+        # Keras saves the resolved value (False on a CPU for "auto"); a loaded model must
+        # resolve "auto" again, or it would lose its XLA blocks.
+        self._compile_config.config["jit_compile"] = jit_compile
+
+    def compile_from_config(self, config):
+        """Recompiles a loaded model (Keras skips models whose `compile` is overridden)."""
+        self.compile(**keras.saving.deserialize_keras_object(config))
+        if hasattr(self, "optimizer") and self.built:
+            # Creates the optimizer's variables so its saved state can be loaded into them.
+            self.optimizer.build(self.trainable_variables)
+
+    # ------------------------------------------------------------ fit, evaluate, predict
+
+    def fit(
+        self,
+        x=None,
+        y=None,
+        batch_size=None,
+        epochs=1,
+        verbose="auto",
+        callbacks=None,
+        validation_split=0.0,
+        validation_data=None,
+        shuffle=None,
+        sample_weight=None,
+        steps_per_epoch=None,
+        **kwargs,
+    ):
+        """`keras.Model.fit` with the data checked and sample weights kept without targets.
+
+        `sample_weight` weights each example's bound in the objective and the metrics (Keras
+        itself drops sample weights when `y` is None). A `tf.data.Dataset` carries them as
+        `(x, None, sample_weight)` elements.
+        """
+        x, y, sample_weight = self._event_data(x, y, sample_weight)
+        if validation_data is not None:
+            validation_data = inputs.event_validation_data(self, validation_data)
+        if shuffle is None:
+            # A dataset is shuffled by its own pipeline; Keras would warn that shuffle=True is
+            # ignored on every call.
+            shuffle = not isinstance(x, tf.data.Dataset)
+        x, source = self._addressed_batches(x)
+        with self._bounded_executions("train", x, batch_size, steps_per_epoch, source):
+            return super().fit(
+                x=x,
+                y=y,
+                batch_size=batch_size,
+                epochs=epochs,
+                verbose=verbose,
+                callbacks=self._with_cursor(callbacks),
+                validation_split=validation_split,
+                validation_data=validation_data,
+                shuffle=shuffle,
+                sample_weight=sample_weight,
+                steps_per_epoch=steps_per_epoch,
+                **kwargs,
+            )
+
+    def evaluate(
+        self,
+        x=None,
+        y=None,
+        batch_size=None,
+        verbose="auto",
+        sample_weight=None,
+        steps=None,
+        callbacks=None,
+        **kwargs,
+    ):
+        """`keras.Model.evaluate`: the metrics are the `sample_weight`-weighted means if given."""
+        x, y, sample_weight = self._event_data(x, y, sample_weight)
+        with self._bounded_executions("test", x, batch_size, steps):
+            return super().evaluate(
+                x=x,
+                y=y,
+                batch_size=batch_size,
+                verbose=verbose,
+                sample_weight=sample_weight,
+                steps=steps,
+                callbacks=self._with_cursor(callbacks),
+                **kwargs,
+            )
+
+    def predict(self, x, batch_size=None, verbose="auto", steps=None, callbacks=None):
+        """Deterministic reconstructions `[N, *event_shape]` (the posterior mean; any L)."""
+        x, _, _ = self._event_data(x, None, None)
+        return super().predict(
+            x, batch_size=batch_size, verbose=verbose, steps=steps, callbacks=callbacks
+        )
+
+    def _event_data(self, x, y, sample_weight):
+        if not self.built:
+            # Keras's own symbolic build in fit() builds the layers but not the model flag,
+            # which saving needs.
+            self.build()
+        return inputs.event_data(self, x, y, sample_weight)
+
+    # ------------------------------------------------------------ the functions Keras calls
+
+    def make_train_function(self, force=False):
+        if self.train_function is not None and not force:
+            return self.train_function
+        if not self._runs_lean_executions():
+            return super().make_train_function(force=force)
+        block = (self.block_step(), self.block_noise) if self.uses_xla_blocks() else None
+        self.train_function = make_execution_function(
+            self, self.train_step, "train", jit_step=self.jit_compile, block=block
+        )
+        return self.train_function
+
+    def make_test_function(self, force=False):
+        if self.test_function is not None and not force:
+            return self.test_function
+        if not self._runs_lean_executions():
+            return super().make_test_function(force=force)
+        self.test_function = make_execution_function(
+            self, self.test_step, "test", jit_step=self.jit_compile
+        )
+        return self.test_function
+
+    def _runs_lean_executions(self):
+        """Whether fit/evaluate use keras_aevb's executions (one device) or Keras's."""
+        return not self.run_eagerly and is_default_strategy(self.distribute_strategy)
+
+    @property
+    def _execution_state(self):
+        return model_cache(self, "execution_state")
+
+    @contextlib.contextmanager
+    def _bounded_executions(self, mode, x, batch_size, steps, source=None):
+        """Runs fit/evaluate with executions that stop at the epoch's `steps` (exact counts).
+
+        Where the epoch's length is known and shorter than `steps_per_execution`, executions
+        are that long for this call, so progress bars count real steps. `source`: the
+        `AddressedBatches` whose addresses x yields (see `_addressed_batches`).
+        """
+        state = self._execution_state
+        saved = dict(state), getattr(self, "steps_per_execution", 1)
+        state[f"{mode}_source"] = source
+        state[f"{mode}_steps"] = None if steps is None else int(steps)
+        state[f"{mode}_begin"] = 0
+        if mode == "train":
+            state["fitting"] = True  # validation batches are named as such in data errors
+        known = steps_in(x, batch_size, steps)
+        if known and self._runs_lean_executions() and known < self.steps_per_execution:
+            self.steps_per_execution = known
+        try:
+            yield
+        finally:
+            state.clear()
+            state.update(saved[0])
+            self.steps_per_execution = saved[1]
+
+    def _addressed_batches(self, x):
+        """`(data for Keras, source)`: a `make_dataset` stream as its batches' addresses.
+
+        Where the steps run in XLA blocks, the executions build each batch of a
+        `keras_aevb.data.make_dataset` stream from its address next to the steps
+        (`data.AddressedBatches`): the same batches, without tf.data building them on a
+        thread of its own that competes with the step for the CPU. Small batches stay with
+        tf.data (`MIN_ADDRESSED_VALUES`), where its thread runs beside the step for free.
+        Any other data: `(x, None)`.
+        """
+        addressed = getattr(x, "_keras_aevb_addressed", None)
+        if addressed is None or not (self._runs_lean_executions() and self.uses_xla_blocks()):
+            return x, None
+        source, addresses = addressed
+        if source.spec.event_shape != tuple(self.event_shape):
+            return x, None
+        if source.spec.batch_size * math.prod(source.spec.event_shape) < MIN_ADDRESSED_VALUES:
+            return x, None
+        return addresses, source
+
+    def _with_cursor(self, callbacks):
+        """Adds the `ExecutionCursor` that tells executions where the epoch stands."""
+        if isinstance(callbacks, keras.callbacks.CallbackList):
+            if not any(isinstance(c, ExecutionCursor) for c in callbacks.callbacks):
+                callbacks.append(ExecutionCursor(self._execution_state))
+            return callbacks
+        return [ExecutionCursor(self._execution_state), *(callbacks or [])]
 
 
 def training_state(model):
@@ -147,36 +443,18 @@ def make_execution_function(model, step_function, mode, jit_step=False, block=No
     """Returns `function(iterator) -> logs` for Keras's fit/evaluate loops.
 
     Args:
-        model: the model (its `steps_per_execution` and `_execution_state` are read per call).
+        model: an `Executions` model (its `steps_per_execution` and execution state are read
+            per call).
         step_function: `train_step` or `test_step`.
-        mode: "train" or "test" (which count of `_execution_state` bounds the execution).
+        mode: "train" or "test" (which count of the execution state bounds the execution).
         jit_step: compile each single step with XLA (Keras's `jit_compile=True`).
-        block: None, or `(block_step, draw_noise)` for XLA blocks: `block_step(x, eps)` runs one
-            training step on batch x with noise eps and returns the logs;
-            `draw_noise(steps, batch_size)` draws eps `[steps, L, batch_size, latent_dim]`
-            outside XLA.
+        block: None, or `(block_step, draw_noise)` for XLA blocks
+            (`keras_aevb.xla_blocks.make_block_runner`).
     """
     one_step = tf.function(step_function, reduce_retracing=True, jit_compile=bool(jit_step))
-
-    @tf.function(reduce_retracing=True)
-    def run_steps(iterator, limit):
-        # The first step may raise OutOfRangeError: Keras's epoch iterator ends the epoch on it.
-        logs = one_step(iterator.get_next())
-        fetch = _bounded_fetch(iterator, limit)
-
-        def body(steps, logs, next_element):
-            return steps + 1, one_step(next_element.get_value()), fetch(steps + 1)
-
-        _, logs, _ = tf.while_loop(
-            lambda steps, logs, next_element: next_element.has_value(),
-            body,
-            (tf.constant(1), logs, fetch(tf.constant(1))),
-        )
-        return logs
-
-    run_blocks = _make_block_runner(model, one_step, *block) if block else None
-
-    guard = data_guard(model)
+    run_blocks = make_block_runner(model, one_step, *block) if block else None
+    run_steps = _step_loop(one_step)
+    state = model._execution_state
 
     def run(iterator):
         if not isinstance(iterator, tf.data.Iterator | tf.distribute.DistributedIterator):
@@ -185,13 +463,15 @@ def make_execution_function(model, step_function, mode, jit_step=False, block=No
             for data in iterator:
                 logs = one_step(data)
             return logs
-        limit = execution_limit(model._execution_state, mode, model.steps_per_execution)
-        if run_blocks is not None and _single_tensor(iterator.element_spec):
-            source = model._execution_state.get("train_source") if mode == "train" else None
-            if source is not None:
-                return run_blocks(iterator, tf.constant(limit), source.table, source.spec)
-            return run_blocks(iterator, tf.constant(limit))
-        return run_steps(iterator, tf.constant(limit))
+        limit = tf.constant(execution_limit(state, mode, model.steps_per_execution))
+        if run_blocks is None or not _single_tensor(iterator.element_spec):
+            return run_steps(iterator, limit)
+        source = state.get("train_source") if mode == "train" else None
+        if source is not None:
+            return run_blocks(iterator, limit, source.table, source.spec)
+        return run_blocks(iterator, limit)
+
+    guard = data_guard(model)
 
     def function(iterator):
         # The state to restore if a batch of this execution holds bad data: copies (DeepCopy),
@@ -214,161 +494,37 @@ def make_execution_function(model, step_function, mode, jit_step=False, block=No
             if saved is not None:
                 for variable, value in zip(variables, saved, strict=True):
                     variable.assign(value)
-            _raise_data_error(model, mode, *failure)
+            raise_data_error(model.decoder, state, mode, *failure)
         return logs
 
     return function
 
 
-def _raise_data_error(model, mode, step, statistics):
-    from keras_aevb.data import DataError
-    from keras_aevb.inputs import statistics_error
+def _step_loop(one_step):
+    """`run_steps(iterator, limit)`: up to `limit` steps, one per element, in one call."""
 
-    state = model._execution_state
-    batch = state.get(f"{mode}_begin", 0) + step + 1
-    if mode == "train":
-        where = f"batch {batch} of epoch {state.get('epoch', 0) + 1}"
-        undone = "the weights are as they were before this execution's first step"
-    else:
-        where = f"batch {batch} of {'the validation data' if state.get('fitting') else 'evaluate'}"
-        undone = "nothing was changed"
-    message = statistics_error(model.decoder, statistics)
-    raise DataError(f"{where}: {message} ({undone}).")
+    @tf.function(reduce_retracing=True)
+    def run_steps(iterator, limit):
+        # The first step may raise OutOfRangeError: Keras's epoch iterator ends the epoch on it.
+        logs = one_step(iterator.get_next())
+        fetch = bounded_fetch(iterator, limit)
 
+        def body(steps, logs, next_element):
+            return steps + 1, one_step(next_element.get_value()), fetch(steps + 1)
 
-def _bounded_fetch(iterator, limit):
-    """`fetch(steps)`: the next element as an Optional, or an empty one once `limit` is reached.
+        _, logs, _ = tf.while_loop(
+            lambda steps, logs, next_element: next_element.has_value(),
+            body,
+            (tf.constant(1), logs, fetch(tf.constant(1))),
+        )
+        return logs
 
-    Never reads past the limit: an element read and not trained on would be lost to the epoch.
-    """
-    empty = tf.experimental.Optional.empty(iterator.element_spec)
-    return lambda steps: tf.cond(steps < limit, iterator.get_next_as_optional, lambda: empty)
+    return run_steps
 
 
 def _single_tensor(element_spec):
     specs = tf.nest.flatten(element_spec)
     return len(specs) == 1 and isinstance(specs[0], tf.TensorSpec)
-
-
-def _make_block_runner(model, one_step, block_step, draw_noise):
-    """`run(iterator, limit)`: up to `limit` training steps, in XLA blocks of full batches."""
-
-    @tf.function(jit_compile=True, reduce_retracing=True)
-    def xla_block(xs, eps):
-        # The logs of the last step are the trackers' running means after it.
-        logs = block_step(xs[0], eps[0])
-        _, logs = tf.while_loop(
-            lambda k, logs: k < tf.shape(xs)[0],
-            lambda k, logs: (k + 1, block_step(xs[k], eps[k])),
-            (tf.constant(1), logs),
-        )
-        return logs
-
-    @tf.function(reduce_retracing=True)
-    def run(iterator, limit, table=None, batch_spec=None):
-        """`table`, `batch_spec`: the iterator yields addresses of `AddressedBatches` batches."""
-        spec = tf.nest.flatten(iterator.element_spec)[0]
-        first = tf.nest.flatten(iterator.get_next())[0]  # OutOfRangeError ends the epoch
-        if batch_spec is None:
-            batch_bytes = tf.size(first, tf.int64) * spec.dtype.size
-            batch_size = tf.shape(first)[0]
-
-            def is_full(x):
-                return tf.equal(tf.shape(x)[0], batch_size)
-
-            def block_of(batches):
-                return batches.stack()
-
-            def batch_of(element):
-                return element
-        else:
-            from keras_aevb.data import AddressedBatches
-
-            source = AddressedBatches(table, batch_spec)
-            batch_bytes = tf.constant(
-                batch_spec.batch_size * math.prod(batch_spec.event_shape) * 4, tf.int64
-            )
-            batch_size = tf.constant(batch_spec.batch_size)
-            is_full = source.is_full
-
-            def block_of(addresses):
-                return source.materialize(addresses.stack())
-
-            batch_of = source.materialize_one
-        # Blocks per execution, then equal block sizes, so every block compiles to one shape.
-        blocks = tf.maximum(
-            tf.cast(
-                tf.math.ceil(
-                    tf.cast(batch_bytes, tf.float64) * tf.cast(limit, tf.float64) / MAX_BLOCK_BYTES
-                ),
-                tf.int32,
-            ),
-            1,
-        )
-        block_size = (limit + blocks - 1) // blocks
-        fetch = _bounded_fetch(iterator, limit)
-
-        def step_by_step(batches, count, logs):
-            _, logs = tf.while_loop(
-                lambda i, logs: i < count,
-                lambda i, logs: (i + 1, one_step(batch_of(batches.read(i)))),
-                (tf.constant(0), logs),
-            )
-            return logs
-
-        def collect(done, pending):
-            """Reads up to block_size batches, starting with `pending` (which has a value)."""
-            size = tf.minimum(block_size, limit - done)
-            batches = tf.TensorArray(
-                spec.dtype,
-                size=0,
-                dynamic_size=True,
-                infer_shape=False,
-                element_shape=spec.shape,
-            )
-
-            def body(n, batches, uniform, element):
-                x = tf.nest.flatten(element.get_value())[0]
-                uniform = uniform & is_full(x)
-                n = n + 1
-                nxt = tf.cond(n < size, lambda: fetch(done + n), lambda: _empty_like(element))
-                return n, batches.write(n - 1, x), uniform, nxt
-
-            n, batches, uniform, _ = tf.while_loop(
-                lambda n, batches, uniform, element: element.has_value(),
-                body,
-                (tf.constant(0), batches, tf.constant(True), pending),
-            )
-            return n, batches, uniform & tf.equal(n, block_size)
-
-        def outer_body(done, logs, pending):
-            n, batches, full = collect(done, pending)
-            logs = tf.cond(
-                full,
-                lambda: xla_block(block_of(batches), draw_noise(n, batch_size)),
-                lambda: step_by_step(batches, n, logs),
-            )
-            done = done + n
-            return done, logs, fetch(done)
-
-        logs = model._metric_logs()
-        pending = tf.experimental.Optional.from_value(_as_element(first, iterator.element_spec))
-        _, logs, _ = tf.while_loop(
-            lambda done, logs, pending: pending.has_value(),
-            outer_body,
-            (tf.constant(0), logs, pending),
-        )
-        return logs
-
-    return run
-
-
-def _as_element(tensor, element_spec):
-    return tf.nest.pack_sequence_as(element_spec, [tensor])
-
-
-def _empty_like(optional):
-    return tf.experimental.Optional.empty(optional.element_spec)
 
 
 def steps_in(x, batch_size, steps):
@@ -382,3 +538,38 @@ def steps_in(x, batch_size, steps):
     if hasattr(first, "shape") and len(getattr(first, "shape", ())) > 0:
         return int(np.ceil(first.shape[0] / (batch_size or 32)))
     return None
+
+
+# ---------------------------------------------------------------- tf.distribute workarounds
+
+
+def is_default_strategy(strategy):
+    """Whether `strategy` is TensorFlow's default (no `tf.distribute` strategy in use).
+
+    TensorFlow's private names in the package stand in this section, each with its reason.
+    Here: `tf.distribute.get_strategy()` returns the default strategy outside any scope, but
+    no public API tells it apart from a user's one-device strategy, whose loop Keras runs.
+    """
+    from tensorflow.python.distribute import distribute_lib
+
+    return strategy is distribute_lib._get_default_strategy()
+
+
+def reducible_logs(logs):
+    """Gives the step's metric values a leading axis of 1 under multi-worker training.
+
+    Keras 3 reduces the logs of every step under `MultiWorkerMirroredStrategy` with
+    `strategy.reduce("MEAN", value, axis=0)`, which fails on scalars ("Invalid reduction
+    dimension 0 for input with 0 dimensions", tensorflow/tensorflow#72388); with shape [1] it
+    returns the scalar mean over workers. Elsewhere the logs are returned as they are.
+    (`_in_multi_worker_mode`: no public API says whether a strategy spans several workers.)
+    """
+    strategy = tf.distribute.get_strategy()
+    in_multi_worker_mode = getattr(strategy.extended, "_in_multi_worker_mode", None)
+    if not (
+        isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+        and in_multi_worker_mode is not None
+        and in_multi_worker_mode()
+    ):
+        return logs
+    return {name: ops.reshape(value, (1,)) for name, value in logs.items()}

@@ -17,17 +17,26 @@ goes through the functions here, so a problem gets the same message wherever it 
 """
 
 import math
+import warnings
 
 import numpy as np
 import tensorflow as tf
 
+from keras_aevb._cache import model_cache
 from keras_aevb.data import DataError
 
 __all__ = [
     "DataError",
     "accepted_layouts",
+    "array_statistics",
+    "batch_is_bad",
     "batch_statistics",
+    "check_data",
+    "check_seed",
+    "event_data",
     "event_layout",
+    "event_validation_data",
+    "statistics_error",
     "value_error",
 ]
 
@@ -142,3 +151,101 @@ def check_seed(seed):
             raise ValueError(f"seed must be an integer or a pair of integers, got {seed!r}.")
         return tf.cast(seed, tf.int32)
     raise ValueError(f"seed must be an integer or a pair of integers, got {seed!r}.")
+
+
+# ------------------------------------------------------------- the data fit/evaluate are given
+
+
+def check_data(model, x):
+    """Refuses data the model's likelihood cannot score; warns once about data it scores poorly.
+
+    Arrays are checked in full, a `tf.data.Dataset` on its first batch here and on every batch
+    inside the compiled step (`AEVB.check_step_data`).
+    """
+    sample = _peek(x)
+    if sample is None:
+        return
+    if sample.ndim >= 1:
+        event_layout(sample.shape[1:], model.event_shape)
+    message = value_error(model.decoder, *array_statistics(sample))
+    if message:
+        raise DataError(message)
+    message = model.decoder.check_data(sample) if sample.size else None
+    if message:
+        seen = model_cache(model, "warned")  # once per message and model
+        if message not in seen:
+            seen[message] = True
+            warnings.warn(message, UserWarning, stacklevel=4)
+
+
+def event_data(model, x, y, sample_weight):
+    """`(x, y, sample_weight)` for Keras: x checked and in the model's event shape.
+
+    Arrays are reshaped here and datasets mapped (only where their layout differs), so a
+    compiled step sees `[batch, *event_shape]` whichever accepted layout came in: steps traced
+    for one layout then serve the others. Sample weights without targets get placeholder
+    targets, or Keras would drop the weights.
+    """
+    check_data(model, x)
+    event_shape = tuple(model.event_shape)
+    if isinstance(x, tf.data.Dataset):
+        x = _event_dataset(x, event_shape)
+    elif isinstance(x, np.ndarray | tf.Tensor) and x.ndim >= 2:
+        if tuple(x.shape[1:]) != event_shape:
+            reshape = tf.reshape if isinstance(x, tf.Tensor) else np.reshape
+            x = reshape(x, (-1, *event_shape))
+    if sample_weight is not None and y is None and x is not None:
+        if isinstance(x, tf.data.Dataset):
+            raise ValueError(
+                "sample_weight with a tf.data.Dataset: put the weights in the dataset, as "
+                "(x, None, sample_weight) elements."
+            )
+        y = np.zeros((len(x),), np.float32)  # ignored by the steps; keeps the weights
+    return x, y, sample_weight
+
+
+def event_validation_data(model, validation_data):
+    """`fit`'s `validation_data` (a tuple or a dataset) through `event_data`."""
+    if isinstance(validation_data, tuple | list):
+        x, *rest = validation_data
+        y = rest[0] if rest else None
+        weights = rest[1] if len(rest) > 1 else None
+        x, y, weights = event_data(model, x, y, weights)
+        return (x,) if y is None else (x, y) if weights is None else (x, y, weights)
+    return event_data(model, validation_data, None, None)[0]
+
+
+def _event_dataset(dataset, event_shape):
+    """The dataset with its examples in the event shape (a reshape, only where needed)."""
+    spec = dataset.element_spec
+    first = spec[0] if isinstance(spec, tuple) else spec
+    if not isinstance(first, tf.TensorSpec):
+        return dataset
+    if first.shape.rank is not None:
+        if event_layout(first.shape[1:], event_shape) == event_shape:
+            return dataset
+
+    def reshape(*element):
+        x = tf.reshape(element[0], (-1, *event_shape))
+        return x if len(element) == 1 else (x, *element[1:])
+
+    return dataset.map(reshape)
+
+
+def _peek(x):
+    """A NumPy view of the data to check: the array itself, or a dataset's first batch."""
+    if x is None:
+        return None
+    if isinstance(x, tf.data.Dataset):
+        element = next(iter(x.take(1)), None)
+        if element is None:
+            return None
+        x = element[0] if isinstance(element, tuple | list) else element
+    if isinstance(x, tuple | list) and x and not np.isscalar(x[0]):
+        x = x[0]
+    if isinstance(x, dict):
+        return None
+    try:
+        return np.asarray(x, dtype=np.float32)
+    except (TypeError, ValueError):
+        return None

@@ -29,6 +29,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
+from keras_aevb import inputs
 from keras_aevb._cache import model_cache
 from keras_aevb.families import get_family
 
@@ -78,7 +79,7 @@ def log_likelihood(model, x, num_samples=5000, batch_size=None, seed=None, chunk
 
     Args:
         model: an `AEVB` (or `WakeSleep`, `MonteCarloEM`): anything with `encoder`,
-            `posterior_layer`, `decoder`, `prior_distribution` and `_as_event`.
+            `posterior_layer`, `decoder`, `prior_distribution` and `as_event`.
         x: data: a NumPy array or tensor `[N, *event_shape]`, or a `tf.data.Dataset` of
             batches `x` or tuples `(x, ...)` (only the first element is used).
         num_samples: K, importance samples per example.
@@ -105,7 +106,7 @@ def log_likelihood(model, x, num_samples=5000, batch_size=None, seed=None, chunk
     step = _log_weight_chunk_fn(model)
     estimates = []
     for batch in _batches(x, batch_size):
-        batch = model._as_event(batch)
+        batch = model.as_event(batch)
         n = int(batch.shape[0])
         if n == 0:
             continue
@@ -233,7 +234,7 @@ def hmc_log_likelihood(
 
     Args:
         model: an `AEVB`, `WakeSleep` or `MonteCarloEM` (needs `decoder`,
-            `prior_distribution`, `latent_dim`, `_as_event`).
+            `prior_distribution`, `latent_dim`, `as_event`).
         x: NumPy array or tensor `[N, *event_shape]`, or a `tf.data.Dataset` of `x` or
             `(x, ...)` batches.
         num_samples: L, HMC draws per example for the fit (step 2) and again for the
@@ -279,7 +280,7 @@ def hmc_log_likelihood(
     )
     estimates = []
     for batch in _batches(x, batch_size):
-        batch = model._as_event(batch)
+        batch = model.as_event(batch)
         if int(batch.shape[0]) == 0:
             continue
         seed_pair = tf.constant(rng.integers(0, _INT32_MAX, size=2), tf.int32)
@@ -377,9 +378,8 @@ def _hmc_estimate_fn(
 def _check_data(model, x):
     """The model's own data check (as in fit/evaluate): refuses values its likelihood cannot
     score, warns once about grey values fed to a Bernoulli decoder (not a likelihood then)."""
-    check = getattr(model, "_check_data", None)
-    if check is not None:
-        check(x)
+    if hasattr(model, "event_shape") and hasattr(model, "decoder"):
+        inputs.check_data(model, x)
 
 
 def _positive_int(value, name):

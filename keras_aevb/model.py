@@ -1,16 +1,16 @@
-"""`AEVB`: the variational auto-encoder trained with the SGVB lower bound (paper Algorithm 1)."""
+"""`AEVB`: the variational auto-encoder trained with the SGVB lower bound (paper Algorithm 1).
 
-import contextlib
-import math
-import warnings
+The model, its bound and its user methods. How `fit` and `evaluate` run the steps (steps per
+execution, XLA blocks, exact step counts, the data check of every batch, the tf.distribute
+workarounds) is `keras_aevb.execution.Executions`, which `AEVB` mixes in.
+"""
 
 import keras
 import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from keras_aevb import execution, inputs
-from keras_aevb._cache import model_cache
+from keras_aevb import inputs, latent
 from keras_aevb.data import DataError
 from keras_aevb.estimator import (
     ESTIMATOR_NAMES,
@@ -20,6 +20,7 @@ from keras_aevb.estimator import (
     resolve_estimator,
     sgvb_terms,
 )
+from keras_aevb.execution import DEFAULT_STEPS_PER_EXECUTION, Executions, reducible_logs
 from keras_aevb.families import get_family, reference_params
 from keras_aevb.posterior import ReparameterizedPosterior, SavesGeneratorStates, stateless_seed
 from keras_aevb.prior import check_support, make_prior, sample_prior
@@ -35,23 +36,9 @@ __all__ = [
 
 METRIC_NAMES = ("loss", "elbo", "reconstruction_log_likelihood", "kl")
 
-# Training steps per call of the train function when `compile` is not told. Each call has a
-# fixed cost of Python and dispatch, of the order of a paper-model step at M = 100 on a CPU;
-# 100 steps per call hide it (benchmarks/BENCHMARKS.md, "What the defaults do"). `fit` and
-# `evaluate` stop an execution at `steps_per_epoch` / `steps` (keras_aevb.execution), so the
-# value never changes how many steps run.
-DEFAULT_STEPS_PER_EXECUTION = 100
-
-
-# Batches of fewer values than this stay with tf.data in `fit`: on 2 CPU cores, building
-# batches next to the steps (`AEVB._addressed_batches`) was faster for the paper's MNIST model at
-# M = 100 and 1000 (78,400 and 784,000 values per batch) and slower at M = 20 (15,680), where a
-# batch's fixed costs weigh more than tf.data's thread beside the step (benchmarks/BENCHMARKS.md).
-_MIN_ADDRESSED_VALUES = 50_000
-
 
 @keras.saving.register_keras_serializable(package="keras_aevb")
-class AEVB(SavesGeneratorStates, keras.Model):
+class AEVB(Executions, SavesGeneratorStates, keras.Model):
     """Auto-Encoding Variational Bayes: encoder, reparameterized posterior, decoder, SGVB bound.
 
     Each training step is Algorithm 1 of the paper: draw a minibatch of M datapoints, draw
@@ -263,7 +250,7 @@ class AEVB(SavesGeneratorStates, keras.Model):
         With `training=True`, at one sample z ~ q(z|x) instead. One z per example for every L
         (`num_samples`): L is the number of samples of the bound, not of the reconstruction.
         """
-        x = self._as_event(x)
+        x = self.as_event(x)
         params = self.encoder(x, training=training)
         if training:
             z = self.posterior_layer.sample(params, num_samples=1)[0]
@@ -271,13 +258,13 @@ class AEVB(SavesGeneratorStates, keras.Model):
             z = self.posterior_layer.mean(params)
         return self.decoder.mean(self.decoder(z, training=training))
 
-    def _as_event(self, x):
+    def as_event(self, x):
         """x as `[batch, *event_shape]`, checked (keras_aevb.inputs).
 
         Takes the event shape, the event shape plus a trailing 1, or flat examples
         ((28, 28), (28, 28, 1) or (784,) for MNIST) and refuses any other layout. Eager values
         are checked here too (NaN, inf, the decoder's support); inside a compiled step the
-        step's own check (`_check_step_data`) sees every batch.
+        step's own check (`check_step_data`) sees every batch.
         """
         x = ops.convert_to_tensor(x)
         if x.dtype != self.compute_dtype:
@@ -301,8 +288,14 @@ class AEVB(SavesGeneratorStates, keras.Model):
 
     # ---------------------------------------------------------------- the bound
 
-    def _terms(self, x, training, num_samples=None, seed=None, eps=None):
-        x = self._as_event(x)
+    def bound_terms(self, x, training=False, num_samples=None, seed=None, eps=None):
+        """The per-example terms of the bound for x, a dict of `[batch]` tensors.
+
+        `elbo` (eq. 7 with estimator B, eq. 6 with A), `reconstruction_log_likelihood`
+        (1/L sum_l log p(x|z_l)) and `kl`; with estimator="iwae" also `iwae_bound` (L_k).
+        `seed`: an int32 pair for a stateless draw; `eps`: the noise itself.
+        """
+        x = self.as_event(x)
         params = self.encoder(x, training=training)
         posterior = self.posterior_layer.distribution(params)
         z = self.posterior_layer.sample(params, num_samples, seed=seed, eps=eps)
@@ -355,473 +348,116 @@ class AEVB(SavesGeneratorStates, keras.Model):
 
     def train_step(self, data):
         x, sample_weight = unpack_data(data)
-        return _reducible_logs(self._train_step(x, sample_weight))
+        return reducible_logs(self._train_step(x, sample_weight))
 
     def _train_step(self, x, sample_weight, eps=None):
         """One step of Algorithm 1 on minibatch x; `eps`: the step's noise, drawn by the caller."""
-        x = self._check_step_data(x)
+        x = self.check_step_data(x)
         # Under tf.distribute the replicas' gradients are summed: scale each replica's mean.
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
+
+        def scaled_mean(values):
+            return self.optimizer.scale_loss(-weighted_mean(values, sample_weight) / replicas)
+
         with tf.GradientTape(persistent=self.gradient == "dreg") as tape:
-            terms = self._terms(x, training=True, eps=eps)
+            terms = self.bound_terms(x, training=True, eps=eps)
             terms["objective"] = self._objective_terms(
                 terms, sample_weight, self.optimizer.iterations
             )
-            objective = -weighted_mean(terms["objective"], sample_weight) / replicas
-            scaled = self.optimizer.scale_loss(objective)
+            loss = scaled_mean(terms["objective"])
             if self.gradient == "dreg":
-                surrogate = -weighted_mean(terms.pop("dreg_surrogate"), sample_weight) / replicas
-                scaled_surrogate = self.optimizer.scale_loss(surrogate)
-        variables = self.trainable_variables
-        gradients = tape.gradient(scaled, variables)
+                surrogate = scaled_mean(terms.pop("dreg_surrogate"))
+        gradients = tape.gradient(loss, self.trainable_variables)
         if self.gradient == "dreg":
-            # The encoder's gradient is DReG's; the decoder's (and a learned prior's) the
-            # bound's own, which has no score-function term to remove.
-            encoder = {id(v) for v in self.encoder.trainable_variables}
-            dreg = tape.gradient(scaled_surrogate, self.encoder.trainable_variables)
-            by_id = dict(zip((id(v) for v in self.encoder.trainable_variables), dreg, strict=True))
-            gradients = [
-                by_id[id(v)] if id(v) in encoder else g
-                for g, v in zip(gradients, variables, strict=True)
-            ]
-            del tape
-        if self.weight_decay:
-            # The gradient of weight_decay / 2 * ||theta||^2 is weight_decay * theta: added in
-            # closed form (2 passes over the 816k weights) rather than through the tape (the
-            # penalty's forward and backward, 4-5 passes); bit-identical results, up to 1.1x
-            # faster steps (benchmarks/BENCHMARKS.md). scale_loss multiplies (1 or the loss
-            # scale), so the term is scaled like the rest of the gradient.
-            with tf.name_scope("weight_prior_gradient"):  # named for profiles
-                factor = self.optimizer.scale_loss(self.weight_decay / replicas)
-                gradients = [
-                    ops.multiply(ops.cast(factor, v.dtype), v) + (0.0 if g is None else g)
-                    for g, v in zip(gradients, variables, strict=True)
-                ]
-        self.optimizer.apply(gradients, variables)
-        return self._update_metrics(terms, sample_weight)
+            gradients = self._dreg_gradients(tape, surrogate, gradients)
+        gradients = self._add_weight_prior_gradient(gradients, replicas)
+        self.optimizer.apply(gradients, self.trainable_variables)
+        return self.update_metrics(terms, sample_weight)
 
     def test_step(self, data):
         x, sample_weight = unpack_data(data)
-        x = self._check_step_data(x)
-        terms = self._terms(x, training=False)
+        terms = self.bound_terms(self.check_step_data(x), training=False)
         terms["objective"] = self._objective_terms(terms, sample_weight)
-        return _reducible_logs(self._update_metrics(terms, sample_weight))
+        return reducible_logs(self.update_metrics(terms, sample_weight))
 
     def predict_step(self, data):
         x, _ = unpack_data(data)
         return self(x, training=False)
 
-    def _check_step_data(self, x):
-        """The data check of every batch, inside the compiled step; returns x.
+    def _dreg_gradients(self, tape, surrogate, gradients):
+        """The encoder's gradient is DReG's; the decoder's (and a learned prior's) the
+        bound's own, which has no score-function term to remove."""
+        encoder_variables = self.encoder.trainable_variables
+        dreg = dict(zip(map(id, encoder_variables), tape.gradient(surrogate, encoder_variables),
+                        strict=True))  # fmt: skip
+        return [
+            dreg.get(id(v), g) for g, v in zip(gradients, self.trainable_variables, strict=True)
+        ]
 
-        In keras_aevb's executions (`fit`/`evaluate` on one device) the first bad batch is
-        recorded and the execution raises `DataError` naming it, with the weights restored
-        (keras_aevb.execution.DataGuard): XLA drops assertions. Run eagerly, the step raises
-        at once; in Keras's own loop (a `tf.distribute` strategy) an assertion stops the step
-        before its update.
+    def _add_weight_prior_gradient(self, gradients, replicas):
+        """Adds weight_decay * theta, the gradient of weight_decay / 2 * ||theta||^2.
+
+        In closed form (2 passes over the weights) rather than through the tape (the penalty's
+        forward and backward, 4-5 passes): bit-identical results, faster steps
+        (benchmarks/BENCHMARKS.md). scale_loss multiplies (1 or the loss scale), so the term
+        is scaled like the rest of the gradient.
         """
-        x = self._as_event(x)
-        statistics = inputs.batch_statistics(x)
-        guard = execution.active_guard(self)
-        if guard is not None:
-            guard.record(inputs.batch_is_bad(self.decoder, statistics), statistics)
-            return x
-        if tf.executing_eagerly():
-            message = inputs.statistics_error(self.decoder, statistics.numpy())
-            if message:
-                raise DataError(message)
-            return x
-        check = tf.debugging.Assert(
-            tf.logical_not(inputs.batch_is_bad(self.decoder, statistics)),
-            ["keras_aevb: a batch holds NaN, inf or values outside the decoder's support; "
-             "sum, min and max of the batch:", statistics],
-        )  # fmt: skip
-        with tf.control_dependencies([check]):
-            return tf.identity(x)
+        if not self.weight_decay:
+            return gradients
+        with tf.name_scope("weight_prior_gradient"):  # named for profiles
+            factor = self.optimizer.scale_loss(self.weight_decay / replicas)
+            return [
+                ops.multiply(ops.cast(factor, v.dtype), v) + (0.0 if g is None else g)
+                for g, v in zip(gradients, self.trainable_variables, strict=True)
+            ]
 
-    def _update_metrics(self, terms, sample_weight):
+    def update_metrics(self, terms, sample_weight):
+        """Updates the trackers with a step's terms; returns `metric_logs()`."""
         values = dict(terms, loss=-terms.get("objective", terms["elbo"]))
         for name, tracker in self.trackers.items():
             tracker.update_state(values[name], sample_weight=sample_weight)
-        return self._metric_logs()
+        return self.metric_logs()
 
-    def _metric_logs(self):
+    def metric_logs(self):
+        """The trackers' current values, by metric name."""
         return {name: tracker.result() for name, tracker in self.trackers.items()}
 
-    @property
-    def metrics(self):
-        return list(self.trackers.values())
-
-    # ---------------------------------------------------------------- executions
-
-    @property
-    def _execution_state(self):
-        return model_cache(self, "execution_state")
-
-    def _runs_lean_executions(self):
-        """Whether fit/evaluate use keras_aevb.execution (one device, compiled) or Keras's."""
-        return not self.run_eagerly and _is_default_strategy(self.distribute_strategy)
+    # ---------------------------------------------------------------- XLA blocks
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         # A subclass that writes its own train_step and not how a block runs it trains step by
         # step: blocks would run the inherited block step instead of its own.
         if "train_step" in cls.__dict__ and "block_step" not in cls.__dict__:
-            cls.block_step = AEVB._no_block_step
+            cls.block_step = Executions.block_step
 
     def block_step(self):
         """The training step as XLA blocks run it (`keras_aevb.execution`), or None.
 
-        A function `(x, eps) -> logs` of one full batch and its noise eps ~ p(eps), which
-        `compile(jit_compile="auto")` runs inside one XLA computation per block of steps. AEVB's
-        is `train_step` with the noise given. A subclass that overrides `train_step` gets None
-        (step by step, its own step on every batch) unless it overrides `block_step` too.
+        AEVB's is `train_step` with eps given, where the posterior family has an explicit
+        g(eps, phi) (TFP's implicit reparameterization draws inside the step). A subclass that
+        overrides `train_step` gets None (step by step, its own step on every batch) unless it
+        overrides `block_step` too.
         """
+        if not self.posterior_layer.has_explicit_g:
+            return None
         return lambda x, eps: self._train_step(x, None, eps)
 
-    def _no_block_step(self):
-        return None
-
-    def _uses_xla_blocks(self):
-        # A layer that declares `supports_jit = False` (Keras's flag for ops XLA cannot compile)
-        # turns blocks off, as it turns off Keras's own "auto".
-        return (
-            getattr(self, "xla_blocks", False)
-            and self.posterior_layer.has_explicit_g
-            and self.block_step() is not None
-            and all(getattr(layer, "supports_jit", True) for layer in self._flatten_layers())
-        )
-
-    def make_train_function(self, force=False):
-        if self.train_function is not None and not force:
-            return self.train_function
-        if not self._runs_lean_executions():
-            return super().make_train_function(force=force)
-        block = None
-        if self._uses_xla_blocks():
-            block = (self.block_step(), self._block_noise)
-        self.train_function = execution.make_execution_function(
-            self, self.train_step, "train", jit_step=self.jit_compile, block=block
-        )
-        return self.train_function
-
-    def make_test_function(self, force=False):
-        if self.test_function is not None and not force:
-            return self.test_function
-        if not self._runs_lean_executions():
-            return super().make_test_function(force=force)
-        self.test_function = execution.make_execution_function(
-            self, self.test_step, "test", jit_step=self.jit_compile
-        )
-        return self.test_function
-
-    def _block_noise(self, steps, batch_size):
-        """eps for `steps` training steps, `[steps, L, batch_size, latent_dim]`.
-
-        One draw per step from the posterior layer's generator, as `train_step` draws it: the
-        same seed gives the same noise stream, in XLA blocks or step by step.
-        """
+    def step_noise(self, batch_size):
+        """eps ~ p(eps) of one training step, `[L, batch_size, latent_dim]`, from the
+        posterior layer's generator, as `train_step` draws it."""
         shape = (self.num_samples, batch_size, self.latent_dim)
-        _, draws = tf.while_loop(
-            lambda k, draws: k < steps,
-            lambda k, draws: (
-                k + 1,
-                draws.write(k, self.posterior_layer.noise(shape, self.compute_dtype)),
-            ),
-            (tf.constant(0), tf.TensorArray(self.compute_dtype, size=steps)),
-        )
-        return draws.stack()
+        return self.posterior_layer.noise(shape, self.compute_dtype)
 
-    # ---------------------------------------------------------------- compiling
-
-    def compile(
-        self,
-        optimizer="rmsprop",
-        loss=None,
-        loss_weights=None,
-        metrics=None,
-        weighted_metrics=None,
-        run_eagerly=False,
-        steps_per_execution=None,
-        jit_compile="auto",
-        **kwargs,
-    ):
-        """`keras.Model.compile` with defaults chosen by measurement for this model.
-
-        - `steps_per_execution`: `DEFAULT_STEPS_PER_EXECUTION` (100; 1 when `run_eagerly` or
-          under a `tf.distribute` strategy, where Keras's own loop runs).
-          Each call of the train function has a fixed cost of Python and dispatch, of the order
-          of a paper-model step at M = 100 (benchmarks/BENCHMARKS.md). `fit` and `evaluate` still
-          run exactly `steps_per_epoch` / `steps` steps (an execution stops there); batch-level
-          callbacks see every execution's last batch.
-        - `jit_compile="auto"`: training runs in XLA blocks (`xla_blocks`): the steps of an
-          execution's full batches run inside one XLA computation, with eps drawn outside it
-          (keras_aevb.execution). Taken where the posterior family has an explicit
-          z = g(eps, phi) (normal, laplace, logistic, ...); families sampled by TFP's implicit
-          reparameterization (gamma, beta, student_t, chi2) train step by step without XLA.
-          Single steps (evaluation, an epoch's short last batch) run without XLA, Keras's
-          rule on CPU. `jit_compile=True` also compiles those single steps; `False` turns XLA
-          off everywhere.
-
-        Any value the caller passes is used as given. Under a `tf.distribute` strategy with
-        several replicas Keras's own loop runs, with a default of 1 step per execution: Keras 3
-        fails on `steps_per_execution > 1` with `MirroredStrategy` (keras-team/keras#19246,
-        "You must feed a value for placeholder").
-        """
-        strategy = self.distribute_strategy
-        replicas = strategy.num_replicas_in_sync
-        if steps_per_execution is None:
-            # Keras's own loop (eager, or any tf.distribute strategy, even of one replica) runs
-            # whole executions: more steps than `steps_per_epoch` asks on an endless dataset.
-            own_loop = run_eagerly or not _is_default_strategy(strategy)
-            steps_per_execution = 1 if own_loop else DEFAULT_STEPS_PER_EXECUTION
-        elif steps_per_execution > 1 and replicas > 1:
-            warnings.warn(
-                f"steps_per_execution={steps_per_execution} with {replicas} replicas: Keras 3 "
-                "fails on this with MirroredStrategy (keras-team/keras#19246); pass "
-                "steps_per_execution=1 if fit raises 'You must feed a value for placeholder'.",
-                UserWarning,
-                stacklevel=2,
-            )
-        self.xla_blocks = bool(jit_compile) and not run_eagerly and replicas == 1
-        super().compile(
-            optimizer=optimizer,
-            loss=loss,
-            loss_weights=loss_weights,
-            metrics=metrics,
-            weighted_metrics=weighted_metrics,
-            run_eagerly=run_eagerly,
-            steps_per_execution=steps_per_execution,
-            # "auto": XLA for the blocks only (above); Keras's "auto" (off on CPU) elsewhere.
-            jit_compile=jit_compile,
-            **kwargs,
-        )
-        # Keras saves the resolved value (False on a CPU for "auto"); a loaded model must
-        # resolve "auto" again, or it would lose its XLA blocks.
-        self._compile_config.config["jit_compile"] = jit_compile
-
-    def compile_from_config(self, config):
-        """Recompiles a loaded model (Keras skips models whose `compile` is overridden)."""
-        config = keras.saving.deserialize_keras_object(config)
-        self.compile(**config)
-        if hasattr(self, "optimizer") and self.built:
-            # Creates the optimizer's variables so its saved state can be loaded into them.
-            self.optimizer.build(self.trainable_variables)
-
-    # ---------------------------------------------------------------- input checks
-
-    def fit(
-        self,
-        x=None,
-        y=None,
-        batch_size=None,
-        epochs=1,
-        verbose="auto",
-        callbacks=None,
-        validation_split=0.0,
-        validation_data=None,
-        shuffle=None,
-        sample_weight=None,
-        steps_per_epoch=None,
-        **kwargs,
-    ):
-        """`keras.Model.fit` with the data checked and sample weights kept without targets.
-
-        `sample_weight` weights each example's bound in the objective and the metrics (Keras
-        itself drops sample weights when `y` is None). A `tf.data.Dataset` carries them as
-        `(x, None, sample_weight)` elements.
-        """
-        x, y, sample_weight = self._event_data(x, y, sample_weight)
-        if validation_data is not None:
-            validation_data = self._event_validation_data(validation_data)
-        if shuffle is None:
-            # A dataset is shuffled by its own pipeline; Keras would warn that shuffle=True is
-            # ignored on every call.
-            shuffle = not isinstance(x, tf.data.Dataset)
-        x, source = self._addressed_batches(x)
-        with self._bounded_executions("train", x, batch_size, steps_per_epoch, source):
-            return super().fit(
-                x=x,
-                y=y,
-                batch_size=batch_size,
-                epochs=epochs,
-                verbose=verbose,
-                callbacks=self._with_cursor(callbacks),
-                validation_split=validation_split,
-                validation_data=validation_data,
-                shuffle=shuffle,
-                sample_weight=sample_weight,
-                steps_per_epoch=steps_per_epoch,
-                **kwargs,
-            )
-
-    def evaluate(
-        self,
-        x=None,
-        y=None,
-        batch_size=None,
-        verbose="auto",
-        sample_weight=None,
-        steps=None,
-        callbacks=None,
-        **kwargs,
-    ):
-        """`keras.Model.evaluate`: the metrics are the `sample_weight`-weighted means if given."""
-        x, y, sample_weight = self._event_data(x, y, sample_weight)
-        with self._bounded_executions("test", x, batch_size, steps):
-            return super().evaluate(
-                x=x,
-                y=y,
-                batch_size=batch_size,
-                verbose=verbose,
-                sample_weight=sample_weight,
-                steps=steps,
-                callbacks=self._with_cursor(callbacks),
-                **kwargs,
-            )
-
-    def predict(self, x, batch_size=None, verbose="auto", steps=None, callbacks=None):
-        """Deterministic reconstructions `[N, *event_shape]` (the posterior mean; any L)."""
-        x, _, _ = self._event_data(x, None, None)
-        return super().predict(
-            x, batch_size=batch_size, verbose=verbose, steps=steps, callbacks=callbacks
-        )
-
-    @contextlib.contextmanager
-    def _bounded_executions(self, mode, x, batch_size, steps, source=None):
-        """Runs fit/evaluate with executions that stop at the epoch's `steps` (exact counts).
-
-        Where the epoch's length is known and shorter than `steps_per_execution`, executions
-        are that long for this call, so progress bars count real steps. `source`: the
-        `AddressedBatches` whose addresses x yields (see `_addressed_batches`).
-        """
-        state = self._execution_state
-        saved = dict(state), getattr(self, "steps_per_execution", 1)
-        state[f"{mode}_source"] = source
-        state[f"{mode}_steps"] = None if steps is None else int(steps)
-        state[f"{mode}_begin"] = 0
-        if mode == "train":
-            state["fitting"] = True  # validation batches are named as such in data errors
-        known = execution.steps_in(x, batch_size, steps)
-        if known and self._runs_lean_executions() and known < self.steps_per_execution:
-            self.steps_per_execution = known
-        try:
-            yield
-        finally:
-            state.clear()
-            state.update(saved[0])
-            self.steps_per_execution = saved[1]
-
-    def _addressed_batches(self, x):
-        """`(data for Keras, source)`: a `make_dataset` stream as its batches' addresses.
-
-        Where the steps run in XLA blocks, the executions build each batch of a
-        `keras_aevb.data.make_dataset` stream from its address next to the steps
-        (`data.AddressedBatches`): the same batches, without tf.data building them on a
-        thread of its own that competes with the step for the CPU. Small batches stay with
-        tf.data (`_MIN_ADDRESSED_VALUES`), where its thread runs beside the step for free.
-        Any other data: `(x, None)`.
-        """
-        addressed = getattr(x, "_keras_aevb_addressed", None)
-        if addressed is None or not (self._runs_lean_executions() and self._uses_xla_blocks()):
-            return x, None
-        source, addresses = addressed
-        if source.spec.event_shape != tuple(self.event_shape):
-            return x, None
-        if source.spec.batch_size * math.prod(source.spec.event_shape) < _MIN_ADDRESSED_VALUES:
-            return x, None
-        return addresses, source
-
-    def _with_cursor(self, callbacks):
-        """Adds the `ExecutionCursor` that tells executions where the epoch stands."""
-        if isinstance(callbacks, keras.callbacks.CallbackList):
-            if not any(isinstance(c, execution.ExecutionCursor) for c in callbacks.callbacks):
-                callbacks.append(execution.ExecutionCursor(self._execution_state))
-            return callbacks
-        return [execution.ExecutionCursor(self._execution_state), *(callbacks or [])]
-
-    def _check_data(self, x):
-        """Refuses data the likelihood cannot score; warns once about data it scores poorly.
-
-        Arrays are checked in full, a `tf.data.Dataset` on its first batch here and on every
-        batch inside the compiled step (`_check_step_data`).
-        """
-        if not self.built:
-            # Keras's own symbolic build in fit() builds the layers but not the model flag,
-            # which saving needs.
-            self.build()
-        sample = _peek(x)
-        if sample is None:
-            return
-        if sample.ndim >= 1:
-            inputs.event_layout(sample.shape[1:], self.event_shape)
-        self._check_values(sample)
-        message = self.decoder.check_data(sample) if sample.size else None
-        if message:
-            seen = model_cache(self, "warned")  # once per message and model
-            if message not in seen:
-                seen[message] = True
-                warnings.warn(message, UserWarning, stacklevel=4)
-
-    def _event_data(self, x, y, sample_weight):
-        """`(x, y, sample_weight)` for Keras: x checked and in the event shape.
-
-        Arrays are reshaped here and datasets mapped (only where their layout differs), so a
-        compiled step sees `[batch, *event_shape]` whichever accepted layout came in: steps
-        traced for one layout then serve the others. Sample weights without targets get
-        placeholder targets, or Keras would drop the weights.
-        """
-        self._check_data(x)
-        if isinstance(x, tf.data.Dataset):
-            x = self._event_dataset(x)
-        elif isinstance(x, np.ndarray | tf.Tensor) and x.ndim >= 2:
-            if tuple(x.shape[1:]) != self.event_shape:
-                x = (
-                    ops.reshape(x, (-1, *self.event_shape))
-                    if isinstance(x, tf.Tensor)
-                    else (x.reshape((-1, *self.event_shape)))
-                )
-        if sample_weight is not None and y is None and x is not None:
-            if isinstance(x, tf.data.Dataset):
-                raise ValueError(
-                    "sample_weight with a tf.data.Dataset: put the weights in the dataset, as "
-                    "(x, None, sample_weight) elements."
-                )
-            y = np.zeros((len(x),), np.float32)  # ignored by the steps; keeps the weights
-        return x, y, sample_weight
-
-    def _event_validation_data(self, validation_data):
-        if isinstance(validation_data, tuple | list):
-            x, *rest = validation_data
-            y = rest[0] if rest else None
-            weights = rest[1] if len(rest) > 1 else None
-            x, y, weights = self._event_data(x, y, weights)
-            return (x,) if y is None else (x, y) if weights is None else (x, y, weights)
-        return self._event_data(validation_data, None, None)[0]
-
-    def _event_dataset(self, dataset):
-        """The dataset with its examples in the event shape (a reshape, only where needed)."""
-        spec = dataset.element_spec
-        first = spec[0] if isinstance(spec, tuple) else spec
-        if not isinstance(first, tf.TensorSpec):
-            return dataset
-        if first.shape.rank is not None:
-            shape = inputs.event_layout(first.shape[1:], self.event_shape)
-            if shape == self.event_shape:
-                return dataset
-        event_shape = self.event_shape
-
-        def reshape(*element):
-            x = tf.reshape(element[0], (-1, *event_shape))
-            return x if len(element) == 1 else (x, *element[1:])
-
-        return dataset.map(reshape)
+    @property
+    def metrics(self):
+        return list(self.trackers.values())
 
     # ---------------------------------------------------------------- user methods
 
     def encode(self, x):
         """The posterior's parameters for x, a dict of `[batch, latent_dim]` tensors."""
-        return self.encoder(self._as_event(x), training=False)
+        return self.encoder(self.as_event(x), training=False)
 
     def decode(self, z):
         """Decoder means for latent points z `[batch, latent_dim]` (probabilities if Bernoulli)."""
@@ -851,84 +487,19 @@ class AEVB(SavesGeneratorStates, keras.Model):
         (the mode for families without a mean), for nearest-neighbour search or plots."""
         return self.posterior_layer.mean(self.encode(x))
 
-    def _embed_one_or_many(self, x):
-        """(z `[batch, latent_dim]`, whether x was one example without a batch axis)."""
-        x = ops.convert_to_tensor(x, self.compute_dtype)
-        single = tuple(x.shape) == self.event_shape or (
-            x.shape.rank == 1 and int(x.shape[0]) == int(np.prod(self.event_shape))
-        )
-        return self.embed(x[None] if single else x), single
-
     def interpolate(self, x_a, x_b, steps=8, method="spherical"):
-        """Decoded points on the latent path from the embedding of x_a to that of x_b.
-
-        z_t for t = 0, 1/(steps-1), ..., 1: "linear", z_t = (1 - t) z_a + t z_b, or "spherical"
-        (slerp, White 2016: the path keeps the norm a Gaussian prior expects),
-        z_t = sin((1 - t) W) / sin W z_a + sin(t W) / sin W z_b, W the angle between z_a and
-        z_b (linear where W is near 0). Both ends are the embeddings themselves.
-
-        Args:
-            x_a, x_b: one example each, or two batches of the same size.
-            steps: points on the path, ends included (>= 2).
-            method: "spherical" or "linear".
-
-        Returns:
-            Decoder means `[steps, *event_shape]` (one pair) or `[batch, steps, *event_shape]`.
-        """
-        if method not in ("spherical", "linear"):
-            raise ValueError(f"method must be 'spherical' or 'linear', got {method!r}")
-        steps = int(steps)
-        if steps < 2:
-            raise ValueError(f"steps must be at least 2 (the two ends), got {steps}")
-        z_a, single = self._embed_one_or_many(x_a)
-        z_b, _ = self._embed_one_or_many(x_b)
-        if z_a.shape[0] != z_b.shape[0]:
-            raise ValueError(
-                f"x_a and x_b must hold as many examples: {z_a.shape[0]} and {z_b.shape[0]}"
-            )
-        t = ops.reshape(ops.linspace(0.0, 1.0, steps), (1, steps, 1))
-        z_a, z_b = z_a[:, None, :], z_b[:, None, :]
-        linear = (1.0 - t) * z_a + t * z_b
-        if method == "spherical":
-            norms = ops.norm(z_a, axis=-1, keepdims=True) * ops.norm(z_b, axis=-1, keepdims=True)
-            cosine = ops.sum(z_a * z_b, axis=-1, keepdims=True) / ops.maximum(norms, 1e-12)
-            angle = ops.arccos(ops.clip(cosine, -1.0, 1.0))
-            sine = ops.sin(angle)
-            safe = ops.where(sine > 1e-6, sine, 1.0)
-            slerp = (ops.sin((1.0 - t) * angle) * z_a + ops.sin(t * angle) * z_b) / safe
-            path = ops.where(sine > 1e-6, slerp, linear)
-        else:
-            path = linear
-        batch = int(path.shape[0])
-        images = self.decode(ops.reshape(path, (batch * steps, self.latent_dim)))
-        images = ops.reshape(images, (batch, steps, *self.event_shape))
-        return images[0] if single else images
+        """Decoded points on the latent path from x_a's embedding to x_b's
+        (`keras_aevb.latent.interpolate`: spherical or linear)."""
+        return latent.interpolate(self, x_a, x_b, steps=steps, method=method)
 
     def traverse(self, x, dim, values):
-        """Decoded embeddings of x with latent dimension `dim` set to each of `values`.
-
-        The other dimensions stay at the posterior mean of x: what one latent variable does.
-
-        Returns:
-            Decoder means `[len(values), *event_shape]` (one example) or
-            `[batch, len(values), *event_shape]`.
-        """
-        dim = int(dim)
-        if not 0 <= dim < self.latent_dim:
-            raise ValueError(f"dim must be in [0, {self.latent_dim}), got {dim}")
-        values = ops.convert_to_tensor(np.asarray(values, np.float32).reshape(-1))
-        z, single = self._embed_one_or_many(x)
-        batch, count = int(z.shape[0]), int(values.shape[0])
-        z = ops.repeat(z[:, None, :], count, axis=1)  # [batch, count, latent_dim]
-        one_hot = ops.reshape(ops.one_hot(dim, self.latent_dim), (1, 1, self.latent_dim))
-        z = z * (1.0 - one_hot) + ops.reshape(values, (1, count, 1)) * one_hot
-        images = self.decode(ops.reshape(z, (batch * count, self.latent_dim)))
-        images = ops.reshape(images, (batch, count, *self.event_shape))
-        return images[0] if single else images
+        """Decoded embeddings of x with latent dimension `dim` set to each of `values`
+        (`keras_aevb.latent.traverse`)."""
+        return latent.traverse(self, x, dim, values)
 
     def elbo(self, x, num_samples=1, seed=None):
         """Per-example SGVB estimate of the bound with L = `num_samples`, shape `[batch]`."""
-        return self._terms(x, training=False, num_samples=num_samples, seed=_stateless(seed))[
+        return self.bound_terms(x, training=False, num_samples=num_samples, seed=_stateless(seed))[
             "elbo"
         ]
 
@@ -990,25 +561,6 @@ def _prior_name(prior):
     return prior if isinstance(prior, str) else type(prior).__name__
 
 
-def _reducible_logs(logs):
-    """Gives the step's metric values a leading axis of 1 under multi-worker training.
-
-    Keras 3 reduces the logs of every step under `MultiWorkerMirroredStrategy` with
-    `strategy.reduce("MEAN", value, axis=0)`, which fails on scalars ("Invalid reduction
-    dimension 0 for input with 0 dimensions", tensorflow/tensorflow#72388); with shape [1] it
-    returns the scalar mean over workers. Elsewhere the logs are returned as they are.
-    """
-    strategy = tf.distribute.get_strategy()
-    in_multi_worker_mode = getattr(strategy.extended, "_in_multi_worker_mode", None)
-    if not (
-        isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
-        and in_multi_worker_mode is not None
-        and in_multi_worker_mode()
-    ):
-        return logs
-    return {name: ops.reshape(value, (1,)) for name, value in logs.items()}
-
-
 def unpack_data(data):
     x, _, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     return x, sample_weight
@@ -1030,31 +582,5 @@ def _weighted_mean_over_batch(values, sample_weight):
     return ops.sum(values * weight, axis=0) / ops.maximum(ops.sum(weight), 1e-12)
 
 
-def _is_default_strategy(strategy):
-    """Whether `strategy` is TensorFlow's default (no tf.distribute strategy in use)."""
-    from tensorflow.python.distribute import distribute_lib
-
-    return strategy is distribute_lib._get_default_strategy()
-
-
 def _stateless(seed):
     return inputs.check_seed(seed)
-
-
-def _peek(x):
-    """A NumPy view of the data to check: the array itself, or a dataset's first batch."""
-    if x is None:
-        return None
-    if isinstance(x, tf.data.Dataset):
-        element = next(iter(x.take(1)), None)
-        if element is None:
-            return None
-        x = element[0] if isinstance(element, tuple | list) else element
-    if isinstance(x, tuple | list) and x and not np.isscalar(x[0]):
-        x = x[0]
-    if isinstance(x, dict):
-        return None
-    try:
-        return np.asarray(x, dtype=np.float32)
-    except (TypeError, ValueError):
-        return None

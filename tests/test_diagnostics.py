@@ -85,7 +85,7 @@ def test_kl_per_dimension_is_zero_for_dead_dimensions_and_sums_to_the_bounds_kl(
     assert min(kl[[0, 2, 4]]) > 1e-3
     # Summed over dimensions it is the bound's KL term (estimator B), averaged over x; float32
     # sums in a different order: 1e-5 relative.
-    terms = model._terms(x, training=False)
+    terms = model.bound_terms(x, training=False)
     np.testing.assert_allclose(kl.sum(), np.mean(terms["kl"]), rtol=1e-5)
 
 

@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 
 import keras_aevb
-from keras_aevb import execution
+from keras_aevb import execution, xla_blocks
 from keras_aevb.families import FAMILIES
 
 EVENT = (4, 4)
@@ -44,13 +44,13 @@ def count_blocks(model):
     variable, which changes only when that branch executes.
     """
     executed = tf.Variable(0, dtype=tf.int64, trainable=False)
-    draw = model._block_noise
+    draw = model.block_noise
 
     def counting(steps, batch_size):
         with tf.control_dependencies([executed.assign_add(1)]):
             return draw(steps, batch_size)
 
-    model._block_noise = counting
+    model.block_noise = counting
     return executed
 
 
@@ -79,7 +79,7 @@ def test_xla_blocks_train_like_single_steps(binary_data, posterior):
     stepwise = train(data, posterior, steps_per_execution=3, jit_compile=False)
     model = tiny_model(posterior)
     model.compile(optimizer=keras_aevb.paper_optimizer(0.05), steps_per_execution=3)
-    assert model.xla_blocks and model._uses_xla_blocks()
+    assert model.xla_blocks and model.uses_xla_blocks()
     executed = count_blocks(model)
     history = model.fit(data, epochs=2, verbose=0)
     # 6 full batches per epoch, executions of 3 steps: two blocks per epoch ran.
@@ -94,7 +94,7 @@ def test_blocks_with_a_short_last_batch_and_small_block_memory(binary_data, monk
     dataset = tf.data.Dataset.from_tensor_slices(data).batch(16)
     stepwise = train(dataset, steps_per_execution=7, jit_compile=False)
     # Blocks of at most two batches: each 7-step execution is split into equal blocks.
-    monkeypatch.setattr(execution, "MAX_BLOCK_BYTES", 2 * 16 * 16 * 4)
+    monkeypatch.setattr(xla_blocks, "MAX_BLOCK_BYTES", 2 * 16 * 16 * 4)
     blocked = train(dataset, steps_per_execution=7)
     assert int(blocked[0].optimizer.iterations.numpy()) == 14
     assert_same_training(blocked, stepwise)
@@ -104,7 +104,7 @@ def test_blocks_with_a_short_last_batch_and_small_block_memory(binary_data, monk
 def test_implicit_families_train_without_blocks(binary_data, posterior):
     model, _ = train(tf.data.Dataset.from_tensor_slices(binary_data).batch(16), posterior,
                      steps_per_execution=4)  # fmt: skip
-    assert model.xla_blocks and not model._uses_xla_blocks()
+    assert model.xla_blocks and not model.uses_xla_blocks()
     assert int(model.optimizer.iterations.numpy()) == 12
 
 
@@ -112,7 +112,7 @@ def test_a_layer_without_jit_support_turns_blocks_off():
     model = tiny_model()
     model.decoder.supports_jit = False  # Keras's flag for layers with ops XLA cannot compile
     model.compile(optimizer=keras_aevb.paper_optimizer())
-    assert model.xla_blocks and not model._uses_xla_blocks()
+    assert model.xla_blocks and not model.uses_xla_blocks()
 
 
 class _CountingStep(keras_aevb.AEVB):
@@ -144,12 +144,12 @@ def test_a_subclass_with_its_own_train_step_runs_it_unless_it_declares_a_block_s
     data = tf.data.Dataset.from_tensor_slices(binary_data).batch(16)  # 6 full batches
     model = tiny_model(cls=_CountingStep)
     model.compile(optimizer=keras_aevb.paper_optimizer(0.05), steps_per_execution=3)
-    assert model.block_step() is None and not model._uses_xla_blocks()
+    assert model.block_step() is None and not model.uses_xla_blocks()
     model.fit(data, epochs=1, verbose=0)
     assert int(model.own_steps.numpy()) == 6
     blocked = tiny_model(cls=_CountingStepWithBlocks)
     blocked.compile(optimizer=keras_aevb.paper_optimizer(0.05), steps_per_execution=3)
-    assert blocked._uses_xla_blocks()
+    assert blocked.uses_xla_blocks()
     executed = count_blocks(blocked)
     blocked.fit(data, epochs=1, verbose=0)
     assert (int(executed.numpy()), int(blocked.own_steps.numpy())) == (2, 6)
@@ -221,7 +221,7 @@ def test_make_dataset_batches_are_built_inside_the_execution(monkeypatch, repeat
 
     monkeypatch.setattr(data_lib.AddressedBatches, "materialize", counting)
     # These batches are small: below the size from which fit builds them itself (measured).
-    monkeypatch.setattr(keras_aevb.model, "_MIN_ADDRESSED_VALUES", 0)
+    monkeypatch.setattr(keras_aevb.execution, "MIN_ADDRESSED_VALUES", 0)
     fit_kwargs = {"steps_per_epoch": 9} if repeat else {}
     runs = []
     for addressed in (False, True):
@@ -248,7 +248,7 @@ def test_small_batches_stay_with_tf_data():
     small = data_lib.make_dataset(np.zeros((64, *EVENT), "float32"), 16, "dynamic")
     assert model._addressed_batches(small) == (small, None)
     large = data_lib.make_dataset(np.zeros((64, *EVENT), "float32"), 64, "dynamic")
-    large_enough = 64 * int(np.prod(EVENT)) >= keras_aevb.model._MIN_ADDRESSED_VALUES
+    large_enough = 64 * int(np.prod(EVENT)) >= keras_aevb.execution.MIN_ADDRESSED_VALUES
     assert (model._addressed_batches(large)[1] is not None) == large_enough
 
 

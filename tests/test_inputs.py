@@ -50,7 +50,7 @@ def test_evaluate_with_sample_weight_is_the_weighted_mean_of_the_per_example_bou
     state = model.posterior_layer.seed_generator.state.numpy().copy()
     eps = model.posterior_layer.noise((3, len(binary_data), 2))
     model.posterior_layer.seed_generator.state.assign(state)
-    per_example = model._terms(binary_data, training=False, eps=eps)["elbo"].numpy()
+    per_example = model.bound_terms(binary_data, training=False, eps=eps)["elbo"].numpy()
     logs = model.evaluate(
         binary_data, sample_weight=weights, batch_size=len(binary_data), verbose=0,
         return_dict=True,

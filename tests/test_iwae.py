@@ -17,7 +17,7 @@ def _linear_model(problem, k, mean_shift=0.0, log_var_shift=0.0):
 
 
 def _bound(model, x, seed):
-    terms = model._terms(x, training=False, seed=tf.constant(seed, tf.int32))
+    terms = model.bound_terms(x, training=False, seed=tf.constant(seed, tf.int32))
     return terms["iwae_bound"].numpy().astype(np.float64), terms["elbo"].numpy()
 
 
@@ -67,7 +67,7 @@ def test_the_dreg_gradient_has_the_iwae_gradients_mean_and_less_variance():
     @tf.function
     def gradients(eps):
         with tf.GradientTape(persistent=True) as tape:
-            terms = model._terms(x, training=True, eps=eps)
+            terms = model.bound_terms(x, training=True, eps=eps)
             iwae = tf.reduce_mean(terms["iwae_bound"])
             dreg = tf.reduce_mean(terms["dreg_surrogate"])
         flat = [

@@ -105,7 +105,7 @@ def test_free_bits_stop_the_kl_gradient_of_dimensions_below_the_floor():
     x = _x(50)
     eps = tf.random.stateless_normal((1, 50, 4), seed=[1, 2])
     # free_bits = 0: the per-dimension KL is not even computed.
-    assert "kl_per_dimension" not in model._terms(x, training=True, eps=eps)
+    assert "kl_per_dimension" not in model.bound_terms(x, training=True, eps=eps)
     kl_j = np.mean(
         keras_aevb.estimator.analytic_kl_per_dimension(
             model.posterior_layer.distribution(model.encode(x)), model.prior_distribution
@@ -120,7 +120,7 @@ def test_free_bits_stop_the_kl_gradient_of_dimensions_below_the_floor():
 
     def gradients(objective):
         with tf.GradientTape() as tape:
-            terms = model._terms(x, training=True, eps=eps)
+            terms = model.bound_terms(x, training=True, eps=eps)
             value = tf.reduce_mean(objective(terms))
         return [g.numpy() for g in tape.gradient(value, heads)]
 

@@ -35,13 +35,13 @@ class TapePenaltyAEVB(AEVB):
     def train_step(self, data):
         x, sample_weight = unpack_data(data)
         with tf.GradientTape() as tape:
-            terms = self._terms(x, training=True)
+            terms = self.bound_terms(x, training=True)
             objective = -weighted_mean(terms["elbo"], sample_weight) + self._weight_penalty()
             objective = objective / tf.distribute.get_strategy().num_replicas_in_sync
             scaled = self.optimizer.scale_loss(objective)
         gradients = tape.gradient(scaled, self.trainable_variables)
         self.optimizer.apply(gradients, self.trainable_variables)
-        return self._update_metrics(terms, sample_weight)
+        return self.update_metrics(terms, sample_weight)
 
 
 def _train(cls, data, optimizer, weight_decay=0.05, **fit_kwargs):
@@ -85,7 +85,7 @@ def test_compile_defaults_and_explicit_values():
     assert model.steps_per_execution == DEFAULT_STEPS_PER_EXECUTION == 100
     # "auto": training in XLA blocks; single steps follow Keras's rule (no XLA on a CPU, where
     # per-step XLA measured no faster than TensorFlow's kernels for this model).
-    assert model.xla_blocks and model._uses_xla_blocks()
+    assert model.xla_blocks and model.uses_xla_blocks()
     if not tf.config.list_physical_devices("GPU"):
         assert model.jit_compile is False
     model.compile(optimizer=keras_aevb.paper_optimizer(), steps_per_execution=7, jit_compile=True)
