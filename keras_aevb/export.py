@@ -17,23 +17,14 @@ names, so it never sees one), synced to disk, and renamed into place once comple
 that fails or is killed leaves no version directory; the temporary directories of dead processes
 (on this host) are removed by the next export into the same base.
 
-Signatures (a contract: names of inputs and outputs included):
-
-    serving_default  x [None, *event_shape] float32 -> reconstruction, z_mean
-    encode           x                              -> the posterior's parameters by name
-    embed            x                              -> embedding [None, latent_dim]
-    decode           z [None, latent_dim] float32   -> x_mean (+ x_log_var, Gaussian decoder)
-    sample           num_samples int32 [], seed int32 [2] -> x_mean, z   (stateless)
-    score            x                              -> elbo [None]   (fixed L and seed)
+The six signatures (`SIGNATURE_NAMES`) and the names, dtypes and shapes of their inputs and
+outputs, per posterior family and decoder, are a contract written once, in docs/serving.md
+("The signatures: the contract"); tests/test_docs.py compares it with real exports.
 
 Resource caps (a request must not size the server's memory): `sample` refuses num_samples above
 `MAX_SAMPLE_NUM_SAMPLES` (10,000) with INVALID_ARGUMENT; `score` runs the batch in chunks of
 `SCORE_CHUNK_DRAWS // L` examples (1,000 at L = 10), one chunk at a time, so its memory beyond
 the request's own tensors does not grow with the batch.
-
-`reconstruction` is the decoder mean at the posterior mean (`AEVB.reconstruct`); `z_mean` is the
-posterior mean E_q[z] (for the normal family the `z_mean` parameter itself). `embed` returns the
-same posterior mean alone (`AEVB.embed`): a deterministic vector per example for a vector index.
 
 `score` is the SGVB estimate of the lower bound (paper eq. 6/7) per example, with L and the
 stateless seed fixed at export, so the same x always gets the same score. Its noise
@@ -330,7 +321,7 @@ def export_saved_model(
     >>> path = export_saved_model(model, os.path.join(tmp, "mnist_vae"))  # .../mnist_vae/1
     >>> loaded = tf.saved_model.load(path)
     >>> sorted(loaded.signatures)
-    ['decode', 'encode', 'sample', 'score', 'serving_default']
+    ['decode', 'embed', 'encode', 'sample', 'score', 'serving_default']
     """
     if isinstance(model, str | os.PathLike):
         model = _load_keras_file(model)
