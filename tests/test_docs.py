@@ -2,7 +2,8 @@
 
 Every fenced code block of README.md, saved_models/README.md and docs/**/*.md is found and
 labelled: ```python and ```bash / ```sh / ```shell blocks run; ```text and ```json blocks are
-not commands (the JSON request bodies are run through an export below). The blocks of one file
+not commands (the JSON request bodies of docs/serving.md run through an export in
+tests/test_export.py). The blocks of one file
 run in document order, as a reader pastes them: Python blocks in one namespace in this process,
 shell blocks in `bash`, all in one temporary working directory, a "checkout" whose
 `../shared/data` holds the real MNIST and Frey Face files (links; a file that needs them is
@@ -32,7 +33,6 @@ import shlex
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 from keras_aevb import data as data_lib
@@ -633,39 +633,3 @@ def test_a_gaussian_decoders_export_has_the_documented_signatures(tmp_path):
     params = serving_contract()[1]["normal"]
     expected = expected_signatures(params, event_shape, LATENT, gaussian=True)
     assert actual_signatures(path) == expected
-
-
-def _feeds(body, input_specs):
-    """The tensors TF Serving feeds for a REST body: row ("instances") or columnar ("inputs")."""
-    import tensorflow as tf
-
-    if "instances" in body:
-        rows = body["instances"]
-        if len(input_specs) == 1:
-            ((name, spec),) = input_specs.items()
-            return {name: tf.constant(rows, spec.dtype)}
-        return {n: tf.constant([r[n] for r in rows], s.dtype) for n, s in input_specs.items()}
-    return {n: tf.constant(body["inputs"][n], s.dtype) for n, s in input_specs.items()}
-
-
-@pytest.mark.parametrize(
-    "path", [ROOT / "docs" / "serving.md", ROOT / "saved_models" / "README.md"], ids=_id
-)
-def test_the_json_request_bodies_run_on_the_papers_mnist_shapes(path, mnist_export):
-    import tensorflow as tf
-
-    model, export_path = mnist_export
-    loaded = tf.saved_model.load(export_path)
-    bodies = [json.loads(b.code) for b in parse_blocks(path) if b.lang == "json"]
-    assert {body["signature_name"] for body in bodies} == {"decode", "sample"}
-    for body in bodies:
-        function = loaded.signatures[body["signature_name"]]
-        feeds = _feeds(body, function.structured_input_signature[1])
-        outputs = {k: v.numpy() for k, v in function(**feeds).items()}
-        if body["signature_name"] == "decode":
-            expected = {"x_mean": model.decode(feeds["z"])}
-        else:
-            n, seed = int(feeds["num_samples"]), feeds["seed"]
-            expected = {"x_mean": model.sample(n, seed=seed), "z": model.sample_z(n, seed=seed)}
-        for name, value in expected.items():
-            np.testing.assert_allclose(outputs[name], np.asarray(value), atol=1e-5)

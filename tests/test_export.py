@@ -556,7 +556,7 @@ def test_rest_and_grpc_requests_built_from_the_signatures_run(bernoulli):
 
 
 def _readme_bodies():
-    text = (ROOT / "saved_models" / "README.md").read_text()
+    text = (ROOT / "docs" / "serving.md").read_text()
     return [json.loads(block) for block in re.findall(r"```json\n(.*?)```", text, re.S)]
 
 
