@@ -24,6 +24,7 @@ Reference: Kingma & Welling, "Auto-Encoding Variational Bayes", arXiv:1312.6114,
 
 from __future__ import annotations
 
+import functools
 import gzip
 import importlib
 import math
@@ -731,6 +732,17 @@ def make_dataset(
         DataError: unknown binarization, bad `batch_size`, empty images, or grey values outside
             [0, 1] for a Bernoulli draw.
     """
+    source = _batch_source(images, batch_size, binarization, shuffle, seed, drop_remainder)
+    stream = _epoch_stream(seed, source.spec.num_batches, repeat, initial_step)
+    dataset = _pipeline_options(stream(functools.partial(_epoch_batches, source)))
+    # The same stream as addresses, for `AEVB.fit`, which builds the batches itself.
+    addresses = _pipeline_options(stream(functools.partial(_epoch_addresses, source)))
+    dataset._keras_aevb_addressed = (source, addresses)
+    return dataset
+
+
+def _batch_source(images, batch_size, binarization, shuffle, seed, drop_remainder):
+    """The checked images as an `AddressedBatches` table (thresholds for "dynamic")."""
     _check_binarization(binarization)
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
         raise DataError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -746,45 +758,34 @@ def make_dataset(
         table = tf.constant(np.rint(images * np.float32(_DRAW_LEVELS)).astype(np.int32))
     else:
         table = tf.constant(binarize(images, binarization, seed=seed))
-    source = AddressedBatches.of(
+    return AddressedBatches.of(
         table, int(batch_size), shuffle, binarization == "dynamic", drop_remainder
     )
-    spec = source.spec
-    num_batches = spec.num_batches
 
-    def epoch_batches(epoch_seed, first_batch=0):
-        """The batches of one epoch from `first_batch` on; `epoch_seed` is 4 int64."""
-        order = source.order(epoch_seed)
-        batch_index = tf.data.Dataset.range(first_batch, num_batches, output_type=tf.int32)
-        return batch_index.map(
-            lambda i: source.batch(order, epoch_seed[2], i), num_parallel_calls=None
-        )
 
-    def epoch_addresses(epoch_seed, first_batch=0):
-        """The same epoch's batches as addresses: `[epoch seed (4), batch index]`, int64."""
-        batch_index = tf.data.Dataset.range(first_batch, num_batches, output_type=tf.int64)
-        return batch_index.map(lambda i: tf.concat([epoch_seed, [i]], axis=0))
+def _epoch_batches(source, epoch_seed, first_batch=0):
+    """The batches of one epoch from `first_batch` on; `epoch_seed` is 4 int64."""
+    order = source.order(epoch_seed)
+    batch_index = tf.data.Dataset.range(first_batch, source.spec.num_batches, output_type=tf.int32)
+    return batch_index.map(lambda i: source.batch(order, epoch_seed[2], i), num_parallel_calls=None)
 
-    if repeat:
-        if isinstance(initial_step, bool) or int(initial_step) != initial_step or initial_step < 0:
-            raise DataError(f"initial_step must be an integer >= 0, got {initial_step!r}")
-        first_pass, first_batch = divmod(int(initial_step), num_batches)
 
-        def stream(per_epoch):
-            # Pass p's seed is the p-th group of 4 of one fixed random sequence: addressable.
-            epoch_seeds = tf.data.Dataset.random(seed=seed).batch(4).skip(first_pass)
+def _epoch_addresses(source, epoch_seed, first_batch=0):
+    """The same epoch's batches as addresses: `[epoch seed (4), batch index]`, int64."""
+    batch_index = tf.data.Dataset.range(first_batch, source.spec.num_batches, output_type=tf.int64)
+    return batch_index.map(lambda i: tf.concat([epoch_seed, [i]], axis=0))
 
-            def pass_batches(p, epoch_seed):
-                start = tf.where(
-                    p == 0, tf.constant(first_batch, tf.int64), tf.constant(0, tf.int64)
-                )
-                return per_epoch(epoch_seed, start)
 
-            return epoch_seeds.enumerate().flat_map(pass_batches)
-    else:
+def _epoch_stream(seed, num_batches, repeat, initial_step):
+    """`stream(per_epoch)`: the dataset of `per_epoch(epoch_seed[, first_batch])` over epochs.
+
+    Without `repeat`, one epoch per iteration (a new epoch seed each time); with it, an endless
+    stream of passes that starts `initial_step` batches in.
+    """
+    if not repeat:
         # One element (4 int64) per iteration: a new epoch seed every epoch, reproducible.
-        # Both streams below share it, so an iteration of either (a peek at the first batch
-        # included) moves both to the next epoch's seed.
+        # Both streams of `make_dataset` share it, so an iteration of either (a peek at the
+        # first batch included) moves both to the next epoch's seed.
         epoch_seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
 
         def stream(per_epoch):
@@ -793,10 +794,22 @@ def make_dataset(
             # bars).
             return dataset.apply(tf.data.experimental.assert_cardinality(num_batches))
 
-    dataset = _pipeline_options(stream(epoch_batches))
-    # The same stream as addresses, for `AEVB.fit`, which builds the batches itself.
-    dataset._keras_aevb_addressed = (source, _pipeline_options(stream(epoch_addresses)))
-    return dataset
+        return stream
+    if isinstance(initial_step, bool) or int(initial_step) != initial_step or initial_step < 0:
+        raise DataError(f"initial_step must be an integer >= 0, got {initial_step!r}")
+    first_pass, first_batch = divmod(int(initial_step), num_batches)
+
+    def stream(per_epoch):
+        # Pass p's seed is the p-th group of 4 of one fixed random sequence: addressable.
+        epoch_seeds = tf.data.Dataset.random(seed=seed).batch(4).skip(first_pass)
+
+        def pass_batches(p, epoch_seed):
+            start = tf.where(p == 0, tf.constant(first_batch, tf.int64), tf.constant(0, tf.int64))
+            return per_epoch(epoch_seed, start)
+
+        return epoch_seeds.enumerate().flat_map(pass_batches)
+
+    return stream
 
 
 def _pipeline_options(dataset):

@@ -339,6 +339,14 @@ def export_saved_model(
     # Track exactly the variables the signatures read: the model's weights, not its optimizer
     # slots or random-generator state, which a server has no use for.
     module.model_variables = _captured_variables(signatures.values())
+    return _write_version(module, signatures, pathlib.Path(base_dir), version, force)
+
+
+def _write_version(module, signatures, base, version, force):
+    """Saves `module` into a temporary directory, then renames it to `<base>/<version>`.
+
+    A reader never sees a half-written version, and a failed export leaves none.
+    """
     base.mkdir(parents=True, exist_ok=True)
     _remove_stale_temp_dirs(base)
     planned = version if version is not None else next_version(base)

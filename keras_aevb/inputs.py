@@ -29,6 +29,7 @@ __all__ = [
     "DataError",
     "accepted_layouts",
     "array_statistics",
+    "as_event",
     "batch_is_bad",
     "batch_statistics",
     "check_data",
@@ -153,7 +154,38 @@ def check_seed(seed):
     raise ValueError(f"seed must be an integer or a pair of integers, got {seed!r}.")
 
 
-# ------------------------------------------------------------- the data fit/evaluate are given
+# ------------------------------------------------------------- the data a model is given
+
+
+def as_event(x, event_shape, decoder, dtype):
+    """x as `[batch, *event_shape]` in `dtype`, checked.
+
+    Takes the event shape, the event shape plus a trailing 1, or flat examples
+    ((28, 28), (28, 28, 1) or (784,) for MNIST) and refuses any other layout. Eager values
+    are checked here too (NaN, inf, the decoder's support); inside a compiled step the
+    step's own check (`AEVB.check_step_data`) sees every batch.
+    """
+    event_shape = tuple(event_shape)
+    x = tf.convert_to_tensor(x)
+    if x.dtype != dtype:
+        x = tf.cast(x, dtype)
+    if x.shape.rank is None:
+        # A step traced for several layouts (reduce_retracing): fit and evaluate hand it
+        # batches already in the event shape (`event_data`), so only the batch size is new.
+        return tf.reshape(x, (-1, *event_shape))
+    event_layout(x.shape[1:], event_shape)
+    if hasattr(x, "numpy") and tf.executing_eagerly():
+        _raise_for_values(decoder, x.numpy())
+    if tuple(x.shape[1:]) == event_shape:
+        return x
+    return tf.reshape(x, (-1, *event_shape))
+
+
+def _raise_for_values(decoder, x):
+    """Raises `DataError` for NaN, inf or values outside the decoder's support."""
+    message = value_error(decoder, *array_statistics(x))
+    if message:
+        raise DataError(message)
 
 
 def check_data(model, x):
@@ -167,9 +199,7 @@ def check_data(model, x):
         return
     if sample.ndim >= 1:
         event_layout(sample.shape[1:], model.event_shape)
-    message = value_error(model.decoder, *array_statistics(sample))
-    if message:
-        raise DataError(message)
+    _raise_for_values(model.decoder, sample)
     message = model.decoder.check_data(sample) if sample.size else None
     if message:
         seen = model_cache(model, "warned")  # once per message and model

@@ -101,15 +101,11 @@ def log_likelihood(model, x, num_samples=5000, batch_size=None, seed=None, chunk
     """
     num_samples = _positive_int(num_samples, "num_samples")
     _check_data(model, x)
-    rng = np.random.default_rng(seed)
     event_size = math.prod(model.event_shape)
     step = _log_weight_chunk_fn(model)
-    estimates = []
-    for batch in _batches(x, batch_size):
-        batch = model.as_event(batch)
+
+    def estimate(batch, seed_pair):
         n = int(batch.shape[0])
-        if n == 0:
-            continue
         params = model.encoder(batch, training=False)
         if chunk_size is None:
             chunk = max(1, _MAX_CHUNK_VALUES // (n * event_size))
@@ -118,13 +114,27 @@ def log_likelihood(model, x, num_samples=5000, batch_size=None, seed=None, chunk
             chunk = _positive_int(chunk_size, "chunk_size")
         chunk = min(chunk, num_samples)
         # One seed per batch; the samples' blocks fold their index into it (_NOISE_BLOCK).
-        seed_pair = tf.constant(rng.integers(0, _INT32_MAX, size=2), tf.int32)
         # num_samples and chunk are tensors: no batch traces the step again.
         chunk_lse = step(batch, params, tf.constant(num_samples), tf.constant(chunk), seed_pair)
-        lse = _logsumexp(chunk_lse.numpy().astype(np.float64), axis=0)
-        estimates.append(lse - math.log(num_samples))
+        return _logsumexp(chunk_lse.numpy().astype(np.float64), axis=0) - math.log(num_samples)
+
+    return _per_batch(model, x, batch_size, seed, estimate, "log_likelihood")
+
+
+def _per_batch(model, x, batch_size, seed, estimate, name):
+    """`estimate(batch, seed_pair)` of every non-empty batch of x, concatenated (float64 [N]).
+
+    One seed pair per batch, drawn in order from `seed`."""
+    rng = np.random.default_rng(seed)
+    estimates = []
+    for batch in _batches(x, batch_size):
+        batch = model.as_event(batch)
+        if int(batch.shape[0]) == 0:
+            continue
+        seed_pair = tf.constant(rng.integers(0, _INT32_MAX, size=2), tf.int32)
+        estimates.append(np.asarray(estimate(batch, seed_pair), np.float64))
     if not estimates:
-        raise ValueError("log_likelihood got no examples: x is empty.")
+        raise ValueError(f"{name} got no examples: x is empty.")
     return np.concatenate(estimates)
 
 
@@ -252,6 +262,27 @@ def hmc_log_likelihood(
 
     Reference: Kingma & Welling, arXiv:1312.6114, App. D and App. E.
     """
+    settings = _hmc_settings(
+        model, num_samples, num_burnin_steps, num_chains, num_leapfrog_steps, target_accept_prob
+    )
+    _check_data(model, x)
+    run = _hmc_estimate_fn(model, *settings)
+    step_size = tf.constant(float(step_size))
+    return _per_batch(
+        model,
+        x,
+        batch_size,
+        seed,
+        lambda batch, seed_pair: run(batch, step_size, seed_pair).numpy(),
+        "hmc_log_likelihood",
+    )
+
+
+def _hmc_settings(
+    model, num_samples, num_burnin_steps, num_chains, num_leapfrog_steps, target_accept_prob
+):
+    """Checked settings of `hmc_log_likelihood`, as `_hmc_estimate_fn` takes them; warns
+    about latent spaces where the paper found the estimator unreliable."""
     num_samples = _positive_int(num_samples, "num_samples")
     num_chains = _positive_int(num_chains, "num_chains")
     num_leapfrog_steps = _positive_int(num_leapfrog_steps, "num_leapfrog_steps")
@@ -265,29 +296,11 @@ def hmc_log_likelihood(
             f"(App. D) found this estimator unreliable above {HMC_MAX_RELIABLE_LATENT_DIM} "
             "dimensions; use keras_aevb.log_likelihood (importance sampling) instead.",
             UserWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
-    _check_data(model, x)
-    rng = np.random.default_rng(seed)
     draws_per_chain = -(-num_samples // num_chains)
-    run = _hmc_estimate_fn(
-        model,
-        num_chains,
-        draws_per_chain,
-        int(num_burnin_steps),
-        num_leapfrog_steps,
-        float(target_accept_prob),
-    )
-    estimates = []
-    for batch in _batches(x, batch_size):
-        batch = model.as_event(batch)
-        if int(batch.shape[0]) == 0:
-            continue
-        seed_pair = tf.constant(rng.integers(0, _INT32_MAX, size=2), tf.int32)
-        estimates.append(run(batch, tf.constant(float(step_size)), seed_pair).numpy())
-    if not estimates:
-        raise ValueError("hmc_log_likelihood got no examples: x is empty.")
-    return np.concatenate(estimates).astype(np.float64)
+    return (num_chains, draws_per_chain, int(num_burnin_steps), num_leapfrog_steps,
+            float(target_accept_prob))  # fmt: skip
 
 
 def log_joint_fn(model, x):

@@ -6,12 +6,10 @@ workarounds) is `keras_aevb.execution.Executions`, which `AEVB` mixes in.
 """
 
 import keras
-import numpy as np
 import tensorflow as tf
 from keras import ops
 
 from keras_aevb import inputs, latent
-from keras_aevb.data import DataError
 from keras_aevb.estimator import (
     ESTIMATOR_NAMES,
     analytic_kl_per_dimension,
@@ -24,7 +22,7 @@ from keras_aevb.execution import DEFAULT_STEPS_PER_EXECUTION, Executions, reduci
 from keras_aevb.families import get_family, reference_params
 from keras_aevb.posterior import ReparameterizedPosterior, SavesGeneratorStates, stateless_seed
 from keras_aevb.prior import check_support, make_prior, sample_prior
-from keras_aevb.schedules import KLSchedule
+from keras_aevb.schedules import KLWeight
 
 __all__ = [
     "unpack_data",
@@ -176,17 +174,12 @@ class AEVB(Executions, SavesGeneratorStates, keras.Model):
         self._set_objective(kl_weight, free_bits)
 
     def _set_objective(self, kl_weight, free_bits):
-        if isinstance(kl_weight, dict):
-            kl_weight = keras.saving.deserialize_keras_object(kl_weight)
-        self.kl_schedule = kl_weight if isinstance(kl_weight, KLSchedule) else None
-        initial = float(kl_weight(0)) if self.kl_schedule is not None else float(kl_weight)
-        if not initial >= 0 or not np.isfinite(initial):
-            raise ValueError(f"kl_weight must be a finite number >= 0, got {kl_weight!r}.")
+        self._beta = KLWeight(kl_weight)
         self.free_bits = float(free_bits)
-        if not self.free_bits >= 0 or not np.isfinite(self.free_bits):
+        if not 0.0 <= self.free_bits < float("inf"):
             raise ValueError(f"free_bits must be a finite number >= 0, got {free_bits!r}.")
         if self.estimator == "iwae" and (
-            self.kl_schedule is not None or initial != 1.0 or self.free_bits
+            self.kl_schedule is not None or self._beta.initial != 1.0 or self.free_bits
         ):
             raise ValueError(
                 "kl_weight and free_bits reshape the ELBO's KL term; estimator='iwae' trains on "
@@ -199,28 +192,17 @@ class AEVB(Executions, SavesGeneratorStates, keras.Model):
                 f"this model uses estimator={self.estimator!r}; pass estimator='analytic_kl' "
                 "with a posterior/prior pair that has one (e.g. normal and standard_normal)."
             )
-        # Held outside Keras's variable tracking: beta is a setting, not a weight, so it is
-        # neither in get_weights()/count_params() nor in .keras files (older files load).
-        self._kl_weight_holder = _Untracked(
-            keras.Variable(
-                initial,
-                trainable=False,
-                dtype="float32",
-                name="kl_weight",
-                aggregation="only_first_replica",
-            )
-        )
-        self._kl_weight_config = (
-            keras.saving.serialize_keras_object(self.kl_schedule)
-            if self.kl_schedule is not None
-            else initial
-        )
 
     @property
     def kl_weight(self):
         """beta, the KL term's weight in the objective (a `keras.Variable`; assign to change
         it between steps; with a schedule, the value of the last step)."""
-        return self._kl_weight_holder.value
+        return self._beta.variable
+
+    @property
+    def kl_schedule(self):
+        """The `KLSchedule` of beta, or None (a constant beta)."""
+        return self._beta.schedule
 
     # ---------------------------------------------------------------- building and calling
 
@@ -259,32 +241,8 @@ class AEVB(Executions, SavesGeneratorStates, keras.Model):
         return self.decoder.mean(self.decoder(z, training=training))
 
     def as_event(self, x):
-        """x as `[batch, *event_shape]`, checked (keras_aevb.inputs).
-
-        Takes the event shape, the event shape plus a trailing 1, or flat examples
-        ((28, 28), (28, 28, 1) or (784,) for MNIST) and refuses any other layout. Eager values
-        are checked here too (NaN, inf, the decoder's support); inside a compiled step the
-        step's own check (`check_step_data`) sees every batch.
-        """
-        x = ops.convert_to_tensor(x)
-        if x.dtype != self.compute_dtype:
-            x = ops.cast(x, self.compute_dtype)
-        if x.shape.rank is None:
-            # A step traced for several layouts (reduce_retracing): fit and evaluate hand it
-            # batches already in the event shape (`_event_data`), so only the batch size is new.
-            return ops.reshape(x, (-1, *self.event_shape))
-        inputs.event_layout(x.shape[1:], self.event_shape)
-        if isinstance(x, tf.Tensor) and hasattr(x, "numpy") and tf.executing_eagerly():
-            self._check_values(x.numpy())
-        if tuple(x.shape[1:]) == self.event_shape:
-            return x
-        return ops.reshape(x, (-1, *self.event_shape))
-
-    def _check_values(self, x):
-        """Raises `DataError` for NaN, inf or values outside the decoder's support."""
-        message = inputs.value_error(self.decoder, *inputs.array_statistics(x))
-        if message:
-            raise DataError(message)
+        """x as `[batch, *event_shape]` in the compute dtype, checked (`inputs.as_event`)."""
+        return inputs.as_event(x, self.event_shape, self.decoder, self.compute_dtype)
 
     # ---------------------------------------------------------------- the bound
 
@@ -325,11 +283,7 @@ class AEVB(Executions, SavesGeneratorStates, keras.Model):
         """
         if self.estimator == "iwae":
             return terms["iwae_bound"]
-        if self.kl_schedule is not None and step is not None:
-            beta = ops.cast(self.kl_schedule(step), self.compute_dtype)
-            self.kl_weight.assign(beta)
-        else:
-            beta = ops.cast(self.kl_weight, self.compute_dtype)
+        beta = self._beta.at(step, self.compute_dtype)
         kl = terms["kl"]
         if self.free_bits:
             # Kingma et al. (2016): the floor applies to each dimension's KL averaged over the
@@ -536,7 +490,7 @@ class AEVB(Executions, SavesGeneratorStates, keras.Model):
             num_samples=self.num_samples,
             weight_decay=self.weight_decay,
             seed=self.seed,
-            kl_weight=self._kl_weight_config,
+            kl_weight=self._beta.get_config(),
             free_bits=self.free_bits,
             gradient=self.gradient,
         )
@@ -548,13 +502,6 @@ class AEVB(Executions, SavesGeneratorStates, keras.Model):
         config["encoder"] = keras.saving.deserialize_keras_object(config["encoder"])
         config["decoder"] = keras.saving.deserialize_keras_object(config["decoder"])
         return cls(**config)
-
-
-class _Untracked:
-    """Holds a value where Keras's attribute tracking does not look (a plain object)."""
-
-    def __init__(self, value):
-        self.value = value
 
 
 def _prior_name(prior):

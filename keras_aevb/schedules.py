@@ -20,7 +20,7 @@ the true bound and its terms; the objective is the `loss` metric (its negative).
 import keras
 from keras import ops
 
-__all__ = ["CyclicalAnnealing", "KLSchedule", "LinearWarmup"]
+__all__ = ["CyclicalAnnealing", "KLSchedule", "KLWeight", "LinearWarmup"]
 
 
 class KLSchedule:
@@ -98,3 +98,44 @@ class CyclicalAnnealing(KLSchedule):
             "start": self.start,
             "end": self.end,
         }
+
+
+class KLWeight:
+    """beta as a model holds it: a number or a `KLSchedule`, and a variable with its value.
+
+    The variable (`keras.Variable`, float32, not trainable) holds beta of the last step: a
+    callback may assign it between steps without retracing; with a schedule the train step
+    assigns it at every step. A plain object, outside Keras's attribute tracking: beta is a
+    setting, not a weight, so it is neither in `get_weights()`/`count_params()` nor in .keras
+    files (older files load).
+
+    Args:
+        kl_weight: a finite number >= 0, a `KLSchedule`, or a schedule's serialized config.
+    """
+
+    def __init__(self, kl_weight):
+        if isinstance(kl_weight, dict):
+            kl_weight = keras.saving.deserialize_keras_object(kl_weight)
+        self.schedule = kl_weight if isinstance(kl_weight, KLSchedule) else None
+        initial = float(kl_weight(0)) if self.schedule is not None else float(kl_weight)
+        if not 0.0 <= initial < float("inf"):
+            raise ValueError(f"kl_weight must be a finite number >= 0, got {kl_weight!r}.")
+        self.initial = initial
+        self.variable = keras.Variable(
+            initial, trainable=False, dtype="float32", name="kl_weight",
+            aggregation="only_first_replica",
+        )  # fmt: skip
+
+    def at(self, step, dtype):
+        """beta for the step after `step` steps (schedules; None: the variable's value)."""
+        if self.schedule is not None and step is not None:
+            beta = ops.cast(self.schedule(step), dtype)
+            self.variable.assign(beta)
+            return beta
+        return ops.cast(self.variable, dtype)
+
+    def get_config(self):
+        """What `KLWeight(config)` rebuilds it from: the number, or the schedule serialized."""
+        if self.schedule is None:
+            return self.initial
+        return keras.saving.serialize_keras_object(self.schedule)
