@@ -467,7 +467,7 @@ RESUMABLE_CHANGES = frozenset(
         "data_dir",
         "epochs",
         "max_examples",
-        "examples_per_epoch",  # checked against the run's epoch length by _plan_epochs
+        "examples_per_epoch",  # checked against the run's epoch length by run_dir.plan_epochs
         "verbose",
         "strategy",
         "tensorboard",

@@ -207,7 +207,7 @@ def train_config(spec, runs_dir, budget, data_dir=None, verbose=2):
 
         per_epoch = PAPER_DATASETS[spec.dataset]["N"]
     if budget < per_epoch and spec.method != "mcem":
-        max_examples = int(budget)  # the run's epochs shrink to the budget (`_plan_epochs`)
+        max_examples = int(budget)  # the run's epochs shrink to the budget (`run_dir.plan_epochs`)
     else:  # Monte Carlo EM trains in whole passes over its array: at least one
         max_examples = math.ceil(budget / per_epoch) * per_epoch
     return training.TrainConfig(

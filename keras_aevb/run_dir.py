@@ -6,6 +6,22 @@ the checks a resume makes before it writes anything.
     model.keras         the trained model (with its optimizer)
     checkpoints/        state.json (the commit point) + the latest epoch's weights
 
+history.csv: `examples_seen` counts training examples (the x axis of Fig. 2); `seconds` is the
+wall time of training and evaluation up to the end of the epoch, summed over resumed
+invocations; `train_elbo` and `test_elbo` are the bound (nats per datapoint) measured after the
+epoch on a fixed set: the test split, and as many training examples (the first ones); for
+dynamic binarization both are one fixed Bernoulli draw of the grey images (seeded by the run's
+seed), so that the bound of every epoch is measured on the same binary data.
+
+Resuming: running the same configuration on a run directory that holds a checkpoint continues
+after the last finished epoch. This is Keras's `BackupAndRestore` idea, done so that a kill at
+any instant loses at most the epoch in progress: the weights of epoch k go to a new file, then
+`state.json` (epoch k, the history rows 1..k, the weights file's name) is replaced atomically.
+That rename is the commit point; history.csv is rewritten from the committed rows on resume, so
+every epoch appears in it exactly once. (`BackupAndRestore` writes its weights and its epoch
+number as two non-atomic writes, so a kill between them replays or skips an epoch.) A resumed
+run keeps its epoch length (`plan_epochs`): a larger budget extends it.
+
 One owner of each format: training writes history.csv with `history_csv_bytes`, plotting and
 the figure scripts read it with `read_history`. Every file is written whole, to a temporary
 name and renamed (`keras_aevb._io.atomic_write`).
@@ -28,6 +44,7 @@ __all__ = [
     "HISTORY_COLUMNS",
     "Unresumable",
     "history_csv_bytes",
+    "plan_epochs",
     "save_model",
     "save_weights",
     "read_history",
@@ -249,3 +266,60 @@ def _keras_saving_lib():
     from keras.src.saving import saving_lib
 
     return saving_lib
+
+
+def plan_epochs(num_train, config, previous=None):
+    """Epochs and epoch length from --epochs / --max-examples / --examples-per-epoch.
+
+    An epoch is one pass over the N training examples unless `examples_per_epoch` says
+    otherwise (or `max_examples` < N): then it is a fixed number of steps over a repeated,
+    reshuffled stream, and each epoch ends with a test evaluation (a history row).
+
+    A resumed run keeps the epoch length of its config.json (`previous`), however it was
+    started: a new --epochs or --max-examples only says how many epochs to reach, so a larger
+    budget extends a finished run. An --examples-per-epoch that gives another length is
+    refused.
+
+    Returns:
+        dict with epochs, examples_per_epoch, steps_per_epoch (None: one pass), repeat.
+
+    Raises:
+        ValueError: a resume whose settings give another epoch length, or whose one-pass
+            epochs would run over a training set of another size.
+    """
+    batch = config.batch_size
+    if previous is not None:
+        examples, steps = int(previous["examples_per_epoch"]), previous.get("steps_per_epoch")
+        asked = config.examples_per_epoch
+        if asked is not None and asked != examples:
+            fresh = plan_epochs(num_train, config)["examples_per_epoch"]
+            if fresh != examples:
+                raise ValueError(
+                    f"{config.output} trains {examples} examples per epoch, "
+                    f"--examples-per-epoch {asked} gives {fresh}; resume without "
+                    f"--examples-per-epoch (or with {examples}), or pass a new --output"
+                )
+        if steps is None and previous.get("num_train") not in (None, num_train):
+            raise ValueError(
+                f"{config.output} was trained in passes over {previous['num_train']} examples, "
+                f"these data have {num_train}; resume with the same data, or pass a new --output"
+            )
+    else:
+        per_epoch = config.examples_per_epoch or num_train
+        if config.max_examples is not None and config.max_examples < per_epoch:
+            per_epoch = config.max_examples
+        if per_epoch == num_train:
+            steps, examples = None, num_train
+        else:
+            steps = max(1, per_epoch // batch)
+            examples = steps * batch
+    if config.max_examples is not None:
+        epochs = max(1, config.max_examples // examples)
+    else:
+        epochs = config.epochs if config.epochs is not None else 10
+    return {
+        "epochs": int(epochs),
+        "examples_per_epoch": int(examples),
+        "steps_per_epoch": None if steps is None else int(steps),
+        "repeat": steps is not None,
+    }

@@ -2,37 +2,16 @@
 
 `train(TrainConfig(...))` loads the data, builds the model, picks Adagrad's step size from
 {0.01, 0.02, 0.1} "by the bound after the first iterations" if asked, trains with `model.fit`,
-evaluates the test bound after every epoch (the data of the paper's Fig. 2) and writes into the
-run directory:
-
-    config.json         every setting, resolved (binarization, learning rate, N, weight decay, ...)
-    history.csv         epoch, examples_seen, seconds, train_elbo, test_elbo (one row per epoch)
-    model.keras         the trained model (with its optimizer)
-    checkpoints/        state.json + the latest epoch's weights (model and optimizer)
-    logs/               TensorBoard: scalars, plus image grids of samples and reconstructions
-
-history.csv: `examples_seen` counts training examples (the x axis of Fig. 2); `seconds` is the
-wall time of training and evaluation up to the end of the epoch, summed over resumed
-invocations; `train_elbo` and `test_elbo` are the bound (nats per datapoint) measured after the
-epoch on a fixed set: the test split, and as many training examples (the first ones); for
-dynamic binarization both are one fixed Bernoulli draw of the grey images (seeded by the run's
-seed), so that the bound of every epoch is measured on the same binary data.
-
-Resuming: running the same configuration on a run directory that holds a checkpoint continues
-after the last finished epoch. This is Keras's `BackupAndRestore` idea, done so that a kill at
-any instant loses at most the epoch in progress: the weights of epoch k go to a new file, then
-`state.json` (epoch k, the history rows 1..k, the weights file's name) is replaced atomically.
-That rename is the commit point; history.csv is rewritten from the committed rows on resume, so
-every epoch appears in it exactly once. (`BackupAndRestore` writes its weights and its epoch
-number as two non-atomic writes, so a kill between them replays or skips an epoch.)
-
-A failed run changes nothing in the run directory: data, model and settings are all checked
-before the first file is written, and every file is written to a temporary name and renamed.
+evaluates the bound on the test set and as many training examples after every epoch (the data
+of the paper's Fig. 2) and writes the run directory (its files, their formats and how a resume
+loses at most the epoch in progress: `keras_aevb.run_dir`). A failed run changes nothing in
+the run directory: data, model and settings are all checked before the first file is written.
 
 `train` runs a run's phases in order (`_train`); each phase's machinery lives in its own
-module: the settings and their checks in `keras_aevb.config`, the run directory's files in
-`keras_aevb.run_dir`, the model factory in `keras_aevb.paper`, the step size in
-`keras_aevb.step_size`, the per-epoch record and TensorBoard in `keras_aevb.callbacks`.
+module: the settings and their checks in `keras_aevb.config`, the run directory's files and the
+epoch plan in `keras_aevb.run_dir`, the model factory in `keras_aevb.paper`, the step size in
+`keras_aevb.step_size`, the per-epoch record and TensorBoard in `keras_aevb.callbacks`, the
+cluster (TF_CONFIG, the strategy) in `keras_aevb.cluster`.
 
 Example:
 >>> result = train(TrainConfig(dataset="mnist", output="runs/nz20", epochs=3))  # doctest: +SKIP
@@ -45,9 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
-import os
 import warnings
 from pathlib import Path
 
@@ -64,6 +41,7 @@ from keras_aevb.callbacks import (
     bound_divergence,
     evaluate_bound,
 )
+from keras_aevb.cluster import chief_value, is_chief, make_strategy, tensorboard_available
 from keras_aevb.config import (
     DECODERS,
     METHODS,
@@ -78,6 +56,7 @@ from keras_aevb.paper import build_model
 from keras_aevb.run_dir import (
     HISTORY_COLUMNS,
     history_csv_bytes,
+    plan_epochs,
     read_previous_run,
     save_model,
     write_bytes,
@@ -122,139 +101,6 @@ class TrainResult:
     examples_per_second: float | None
     resumed_from_epoch: int
     model: keras.Model | None = None
-
-
-# -------------------------------------------------------------------------- small utilities
-
-
-def is_chief() -> bool:
-    """Whether this process writes the run's files under a multi-worker strategy.
-
-    True without TF_CONFIG, for task type "chief", and for worker 0 of a cluster with no chief
-    (the convention of `tf.distribute.MultiWorkerMirroredStrategy`).
-    """
-    raw = os.environ.get("TF_CONFIG", "")
-    if not raw.strip():
-        return True
-    try:
-        tf_config = json.loads(raw)
-    except json.JSONDecodeError:
-        raise ValueError("TF_CONFIG is not valid JSON; fix or unset it") from None
-    task = tf_config.get("task") or {}
-    task_type, index = task.get("type"), int(task.get("index", 0))
-    if not task_type or task_type == "chief":
-        return True
-    if task_type == "worker":
-        return index == 0 and "chief" not in (tf_config.get("cluster") or {})
-    return False
-
-
-def _tensorboard_available():
-    """tf.summary writes nothing (it raises) unless the tensorboard package is installed."""
-    try:
-        import tensorboard  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _make_strategy(name):
-    """The `tf.distribute` strategy of `--strategy NAME`.
-
-    Call it before any other TensorFlow op of the process: `MultiWorkerMirroredStrategy`
-    configures TensorFlow's collective ops, which TensorFlow refuses once it has run an op
-    ("Collective ops must be configured at program startup", DESIGN 9).
-    """
-    if name == "default":
-        return tf.distribute.get_strategy()
-    if name == "mirrored":
-        return tf.distribute.MirroredStrategy()
-    if name == "multi_worker":
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    raise ValueError(f"unknown strategy {name!r}; use one of {', '.join(STRATEGIES)}")
-
-
-def _chief_value(strategy, value):
-    """`value` as the chief (global replica 0) has it, on every worker of a multi-worker run.
-
-    Each worker picks the step size by itself (the same search on the same data and seed); on
-    machines whose CPUs round differently two nearly equal candidates could be ordered
-    differently, so the cluster takes the chief's choice, the one its config.json records.
-    Every worker must call this (it is a collective op); without workers it returns `value`.
-    """
-    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-        return value
-
-    def replica_value():
-        context = tf.distribute.get_replica_context()
-        first = tf.cast(tf.equal(context.replica_id_in_sync_group, 0), tf.float64)
-        return first * tf.constant(value, tf.float64)
-
-    @tf.function(autograph=False)  # eagerly, the strategy warns of its overhead
-    def chief_total():
-        return strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(replica_value), axis=None)
-
-    return float(chief_total().numpy())
-
-
-# -------------------------------------------------------------------------- settings
-
-
-def _plan_epochs(num_train, config, previous=None):
-    """Epochs and epoch length from --epochs / --max-examples / --examples-per-epoch.
-
-    An epoch is one pass over the N training examples unless `examples_per_epoch` says
-    otherwise (or `max_examples` < N): then it is a fixed number of steps over a repeated,
-    reshuffled stream, and each epoch ends with a test evaluation (a history row).
-
-    A resumed run keeps the epoch length of its config.json (`previous`), however it was
-    started: a new --epochs or --max-examples only says how many epochs to reach, so a larger
-    budget extends a finished run. An --examples-per-epoch that gives another length is
-    refused.
-
-    Returns:
-        dict with epochs, examples_per_epoch, steps_per_epoch (None: one pass), repeat.
-
-    Raises:
-        ValueError: a resume whose settings give another epoch length, or whose one-pass
-            epochs would run over a training set of another size.
-    """
-    batch = config.batch_size
-    if previous is not None:
-        examples, steps = int(previous["examples_per_epoch"]), previous.get("steps_per_epoch")
-        asked = config.examples_per_epoch
-        if asked is not None and asked != examples:
-            fresh = _plan_epochs(num_train, config)["examples_per_epoch"]
-            if fresh != examples:
-                raise ValueError(
-                    f"{config.output} trains {examples} examples per epoch, "
-                    f"--examples-per-epoch {asked} gives {fresh}; resume without "
-                    f"--examples-per-epoch (or with {examples}), or pass a new --output"
-                )
-        if steps is None and previous.get("num_train") not in (None, num_train):
-            raise ValueError(
-                f"{config.output} was trained in passes over {previous['num_train']} examples, "
-                f"these data have {num_train}; resume with the same data, or pass a new --output"
-            )
-    else:
-        per_epoch = config.examples_per_epoch or num_train
-        if config.max_examples is not None and config.max_examples < per_epoch:
-            per_epoch = config.max_examples
-        if per_epoch == num_train:
-            steps, examples = None, num_train
-        else:
-            steps = max(1, per_epoch // batch)
-            examples = steps * batch
-    if config.max_examples is not None:
-        epochs = max(1, config.max_examples // examples)
-    else:
-        epochs = config.epochs if config.epochs is not None else 10
-    return {
-        "epochs": int(epochs),
-        "examples_per_epoch": int(examples),
-        "steps_per_epoch": None if steps is None else int(steps),
-        "repeat": steps is not None,
-    }
 
 
 # -------------------------------------------------------------------------- train
@@ -397,7 +243,7 @@ def _open_run(config, print_fn):
     binarization, likelihood = config.check()
     # The strategy before any TensorFlow op (data loading, the initial model and the step-size
     # search all run some): MultiWorkerMirroredStrategy must configure the collectives first.
-    strategy = _make_strategy(config.strategy)
+    strategy = make_strategy(config.strategy)
     run_dir = Path(config.output)
     previous_config, state = read_previous_run(run_dir)
     if previous_config is not None:
@@ -429,7 +275,7 @@ def _plan_run(run):
     config, num_train = run.config, run.num_train
     # A resume keeps the run's epoch length; a run with no checkpoint yet plans afresh.
     previous = run.previous_config if run.state is not None else None
-    run.plan = _plan_epochs(num_train, config, previous)
+    run.plan = plan_epochs(num_train, config, previous)
     run.weight_decay = (
         1.0 / num_train if config.weight_decay is None else float(config.weight_decay)
     )
@@ -489,7 +335,7 @@ def _choose_step_size(run):
         lr_bounds = {f"{rate:g}": bound for rate, bound in bounds.items()}
     else:
         learning_rate = float(config.learning_rate)
-    run.learning_rate = _chief_value(run.strategy, learning_rate)
+    run.learning_rate = chief_value(run.strategy, learning_rate)
     run.lr_bounds = lr_bounds
 
 
@@ -581,7 +427,7 @@ def _callbacks(run, rows):
         batch_size=config.batch_size,
     )
     callbacks = [recorder]
-    tensorboard = config.tensorboard and _tensorboard_available()
+    tensorboard = config.tensorboard and tensorboard_available()
     if config.tensorboard and not tensorboard:
         run.print_fn(
             "keras-aevb: TensorBoard is not installed, so no logs/ are written "

@@ -38,7 +38,7 @@ def read_rows(run_dir):
     ],
 )
 def test_plan_epochs(kwargs, expected):
-    plan = training._plan_epochs(300, TrainConfig(output="x", batch_size=100, **kwargs))
+    plan = run_dir_lib.plan_epochs(300, TrainConfig(output="x", batch_size=100, **kwargs))
     assert (plan["epochs"], plan["examples_per_epoch"], plan["steps_per_epoch"]) == expected
     assert plan["repeat"] == (expected[2] is not None)
 
@@ -69,13 +69,15 @@ def test_plan_epochs(kwargs, expected):
     ],
 )
 def test_plan_epochs_of_a_resumed_run(started, resumed, expected):
-    first = training._plan_epochs(300, TrainConfig(output="x", batch_size=100, **started))
+    first = run_dir_lib.plan_epochs(300, TrainConfig(output="x", batch_size=100, **started))
     previous = {
         "examples_per_epoch": first["examples_per_epoch"],
         "steps_per_epoch": first["steps_per_epoch"],
         "num_train": 300,
     }
-    plan = training._plan_epochs(300, TrainConfig(output="x", batch_size=100, **resumed), previous)
+    plan = run_dir_lib.plan_epochs(
+        300, TrainConfig(output="x", batch_size=100, **resumed), previous
+    )
     assert (plan["epochs"], plan["examples_per_epoch"], plan["steps_per_epoch"]) == expected
     assert plan["repeat"] == (expected[2] is not None)
 
@@ -84,11 +86,11 @@ def test_plan_epochs_refuses_another_epoch_length():
     previous = {"examples_per_epoch": 100, "steps_per_epoch": 1, "num_train": 300}
     config = TrainConfig(output="x", batch_size=100, examples_per_epoch=200, max_examples=400)
     with pytest.raises(ValueError, match="trains 100 examples per epoch.*gives 200"):
-        training._plan_epochs(300, config, previous)
+        run_dir_lib.plan_epochs(300, config, previous)
     # One-pass epochs over a training set of another size would count examples wrongly.
     one_pass = {"examples_per_epoch": 300, "steps_per_epoch": None, "num_train": 300}
     with pytest.raises(ValueError, match="passes over 300 examples, these data have 200"):
-        training._plan_epochs(200, TrainConfig(output="x", epochs=3), one_pass)
+        run_dir_lib.plan_epochs(200, TrainConfig(output="x", epochs=3), one_pass)
 
 
 @pytest.mark.parametrize(
