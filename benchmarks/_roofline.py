@@ -3,7 +3,7 @@
 The machines these benchmarks run on are shared and noisy, so no absolute speed is reported
 alone: every throughput is divided by the matmul peak measured in the same process, in the
 same minute, interleaved with it (peak, config A, config B, ..., peak, repeated), and the
-medians are taken. The ratio `examples/s / roofline examples/s` is what the README quotes.
+medians are taken. The ratio `examples/s / roofline examples/s` is what docs/speed.md quotes.
 
 The roofline of a model is `peak FLOP/s / FLOPs per example`. For the paper's MNIST model
 (784-500-J tanh encoder, J-500-784 decoder) the FLOPs per training example are counted in

@@ -427,7 +427,7 @@ class FamilyTable(list):
         return "\n".join(lines)
 
     def markdown(self):
-        """The table in Markdown (the README's families table is this output)."""
+        """The table in Markdown (docs/families.md's table is this output)."""
         header = [title for _, title in self.COLUMNS]
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for row in self:

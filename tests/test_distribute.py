@@ -330,7 +330,7 @@ def _wait_for_cluster(workers, timeout):
 def test_cli_multi_worker_two_processes_train_and_only_the_chief_writes(
     tmp_path, mnist_dir, rate_flags
 ):
-    """The README's multi-machine command, as written, on two worker processes on localhost.
+    """docs/speed.md's multi-machine command, as written, on two worker processes on localhost.
 
     Each worker gets its own --output, as on two machines with their own disks: worker 0 (the
     chief) writes the run; worker 1 trains in lockstep and writes nothing.

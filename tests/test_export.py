@@ -882,7 +882,7 @@ def test_cli_export_takes_the_base_directory_like_python(tmp_path, capsys):
 
 
 def test_score_flags_noise_and_accepts_digits(tmp_path):
-    """saved_models/README.md's recipe: threshold = the 1 % quantile of training scores."""
+    """docs/serving.md's recipe: threshold = the 1 % quantile of training scores."""
     from keras_aevb import data as data_lib
 
     directory = data_lib.default_data_dir("mnist")

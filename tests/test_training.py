@@ -44,7 +44,7 @@ def test_plan_epochs(kwargs, expected):
 
 
 # How each way of starting a run plans its epochs, and what a larger budget then gives: the
-# epoch length stays the run's, only the number of epochs grows (README "Resume").
+# epoch length stays the run's, only the number of epochs grows (docs/reliability.md, "Resume").
 @pytest.mark.parametrize(
     "started, resumed, expected",
     [
