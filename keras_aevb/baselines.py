@@ -43,16 +43,21 @@ class _Baseline(AEVB):
     def metrics(self):
         return list(self.trackers.values()) + list(self.extra_trackers.values())
 
-    def _update_all_metrics(self, terms, extras, sample_weight):
-        logs = self.update_metrics(terms, sample_weight)
-        for name, tracker in self.extra_trackers.items():
-            tracker.update_state(extras[name])
-            logs[name] = tracker.result()
+    def metric_logs(self, training=False):
+        logs = super().metric_logs(training)
+        if training:
+            logs.update({name: t.result() for name, t in self.extra_trackers.items()})
         return logs
 
+    def _update_all_metrics(self, terms, extras, sample_weight):
+        for name, tracker in self.extra_trackers.items():
+            tracker.update_state(extras[name])
+        self.update_metrics(terms, sample_weight)
+        return self.metric_logs(training=True)
+
     def block_step(self):
-        """None: the baselines' steps draw their own samples (wake-sleep's dreams, the HMC
-        chains), so they train step by step, never in XLA blocks."""
+        """None unless a baseline declares its step in XLA blocks (wake-sleep does; Monte
+        Carlo EM's HMC chains run inside its step)."""
         return None
 
     def _penalty(self, variables):
@@ -115,22 +120,67 @@ class WakeSleep(_Baseline):
 
     def train_step(self, data):
         x, sample_weight = unpack_data(data)
+        return self._wake_sleep_step(x, sample_weight)
+
+    def block_step(self):
+        """Wake-sleep in XLA blocks: the step with every draw given (`step_noise`), where each
+        can be drawn ahead: an explicit posterior g(eps, phi), a decoder that samples from
+        given noise, and a prior without trainable weights. Else None (step by step)."""
+        fixed_prior = not isinstance(self.prior, keras.layers.Layer) and not getattr(
+            self.prior_distribution, "trainable_variables", ()
+        )
+        if not (
+            self.posterior_layer.has_explicit_g
+            and hasattr(self.decoder, "sample_given_noise")
+            and fixed_prior
+        ):
+            return None
+        return lambda x, noise: self._wake_sleep_step(x, None, noise)
+
+    def step_noise(self, batch_size):
+        """One step's draws: the wake eps (the posterior layer's generator), then the dreams'
+        z ~ p(z) and the noise of x ~ p(x|z) (the dream generator), as `train_step` draws them."""
+        shape = (self.num_samples, batch_size, self.latent_dim)
+        wake = self.posterior_layer.noise(shape, self.compute_dtype)
+        return {"wake": wake, **self._dream_noise(batch_size)}
+
+    def _dream_noise(self, batch_size):
+        dream_z = self.prior_distribution.sample(
+            batch_size, seed=stateless_seed(self.dream_seed_generator)
+        )
+        dream_x = None
+        if hasattr(self.decoder, "noise"):
+            shape = (batch_size, *self.event_shape)
+            seed = stateless_seed(self.dream_seed_generator)
+            dream_x = self.decoder.noise(shape, seed, self.compute_dtype)
+        return {"dream_z": dream_z, "dream_x": dream_x}
+
+    def _dream_x(self, outputs, noise):
+        """x ~ p(x|z) for the dreams: from the noise given, or drawn by TFP (a decoder
+        without `sample_given_noise`)."""
+        if noise is not None:
+            return self.decoder.sample_given_noise(outputs, noise)
+        return self.decoder.distribution(outputs).sample(
+            seed=stateless_seed(self.dream_seed_generator)
+        )
+
+    def _wake_sleep_step(self, x, sample_weight, noise=None):
+        """One wake-sleep step on minibatch x; `noise`: its draws (`step_noise`), or None to
+        draw them here (the wake eps then as `posterior_layer.sample` draws it under
+        tf.distribute, independent per replica)."""
         x = self.check_step_data(x)
-        batch = ops.shape(x)[0]
+        wake_eps = None if noise is None else noise["wake"]
         with tf.GradientTape() as tape:
             # Wake: z ~ q(z|x), fixed; theta ascends log p(x|z) (log p(z) has no theta).
             params = self.encoder(x, training=True)
             posterior = self.posterior_layer.distribution(params)
-            z = ops.stop_gradient(self.posterior_layer.sample(params))
+            z = ops.stop_gradient(self.posterior_layer.sample(params, eps=wake_eps))
             log_px_z = self.decoder.log_likelihood(x, self.decoder(z, training=True))
             wake = weighted_mean(ops.mean(log_px_z, axis=0), sample_weight)
             # Sleep: (z, x) ~ p(z) p(x|z), fixed; phi ascends log q(z|x).
-            dream_z = self.prior_distribution.sample(
-                batch, seed=stateless_seed(self.dream_seed_generator)
-            )
-            dream_x = self.decoder.distribution(self.decoder(dream_z, training=False)).sample(
-                seed=stateless_seed(self.dream_seed_generator)
-            )
+            dreams = self._dream_noise(ops.shape(x)[0]) if noise is None else noise
+            dream_z = dreams["dream_z"]
+            dream_x = self._dream_x(self.decoder(dream_z, training=False), dreams["dream_x"])
             dream_x = ops.stop_gradient(ops.cast(dream_x, x.dtype))
             dream_params = self.encoder(dream_x, training=True)
             sleep = ops.mean(self.posterior_layer.distribution(dream_params).log_prob(dream_z))

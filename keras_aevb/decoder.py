@@ -4,6 +4,7 @@ import math
 
 import keras
 import numpy as np
+import tensorflow as tf
 import tensorflow_probability as tfp
 from keras import ops
 
@@ -172,6 +173,16 @@ class BernoulliDecoder(_MLPDecoder):
         """Pixel probabilities y = sigmoid(logits)."""
         return ops.sigmoid(logits)
 
+    def noise(self, shape, seed, dtype="float32"):
+        """u ~ U(0, 1) of `shape` (a batch of events), from a stateless seed: the noise that
+        `sample_given_noise` turns into x ~ p(x|z)."""
+        return tf.random.stateless_uniform(shape, seed, dtype=dtype)
+
+    def sample_given_noise(self, logits, u):
+        """x ~ p(x|z) from u = `noise(...)`: x = 1 where u < sigmoid(logits), as TFP's
+        Bernoulli draws it (the same seed gives the same x as `distribution(logits).sample`)."""
+        return ops.cast(u < ops.sigmoid(logits), logits.dtype)
+
     # The support of p(x|z): data outside it are refused (keras_aevb.inputs).
     data_range = (0.0, 1.0)
 
@@ -260,6 +271,14 @@ class GaussianDecoder(_MLPDecoder):
 
     def mean(self, outputs):
         return outputs["x_mean"]
+
+    def noise(self, shape, seed, dtype="float32"):
+        """eps ~ N(0, I) of `shape` (a batch of events), from a stateless seed."""
+        return tf.random.stateless_normal(shape, seed, dtype=dtype)
+
+    def sample_given_noise(self, outputs, eps):
+        """x ~ p(x|z) from eps = `noise(...)`: x = mu + sigma * eps, as TFP's Normal draws it."""
+        return eps * ops.exp(0.5 * outputs["x_log_var"]) + outputs["x_mean"]
 
     # A density on the real line: any finite value can be scored (data outside [0, 1] only
     # draw a warning from check_data).

@@ -372,8 +372,9 @@ class AEVB(Executions, SavesGeneratorStates, keras.Model):
             tracker.update_state(values[name], sample_weight=sample_weight)
         return self.metric_logs()
 
-    def metric_logs(self):
-        """The trackers' current values, by metric name."""
+    def metric_logs(self, training=False):
+        """The trackers' current values, by metric name; `training`: the logs of a train
+        step, where a subclass may add train-only metrics (the baselines' diagnostics)."""
         return {name: tracker.result() for name, tracker in self.trackers.items()}
 
     # ---------------------------------------------------------------- XLA blocks

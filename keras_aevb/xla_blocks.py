@@ -94,7 +94,7 @@ def make_block_runner(model, one_step, block_step, draw_noise):
         _, logs, _ = tf.while_loop(
             lambda done, logs, pending: pending.has_value(),
             outer_body,
-            (tf.constant(0), model.metric_logs(), pending),
+            (tf.constant(0), model.metric_logs(training=True), pending),
         )
         return logs
 
