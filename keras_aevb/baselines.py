@@ -60,16 +60,6 @@ class _Baseline(AEVB):
         Carlo EM's HMC chains run inside its step)."""
         return None
 
-    def _penalty(self, variables):
-        """weight_decay / 2 * ||theta||^2 over `variables` (the paper's N(0, I) weight prior)."""
-        if not self.weight_decay or not variables:
-            return 0.0
-        return (
-            0.5
-            * self.weight_decay
-            * ops.sum(ops.stack([ops.sum(ops.square(v)) for v in variables]))
-        )
-
 
 @keras.saving.register_keras_serializable(package="keras_aevb")
 class WakeSleep(_Baseline):
@@ -184,7 +174,7 @@ class WakeSleep(_Baseline):
             dream_x = ops.stop_gradient(ops.cast(dream_x, x.dtype))
             dream_params = self.encoder(dream_x, training=True)
             sleep = ops.mean(self.posterior_layer.distribution(dream_params).log_prob(dream_z))
-            objective = -(wake + sleep) + self._penalty(self.trainable_variables)
+            objective = -(wake + sleep) + self._weight_penalty(self.trainable_variables)
             objective = objective / tf.distribute.get_strategy().num_replicas_in_sync
             scaled = self.optimizer.scale_loss(objective)
         gradients = tape.gradient(scaled, self.trainable_variables)
@@ -405,7 +395,7 @@ class MonteCarloEM(_Baseline):
         for _ in range(self.num_m_steps):
             with tf.GradientTape() as tape:
                 joint = weighted_mean(log_joint(z), sample_weight)
-                objective = -joint + self._penalty(decoder_variables)
+                objective = -joint + self._weight_penalty(decoder_variables)
                 scaled = self.optimizer.scale_loss(objective)
             if joint_before is None:
                 joint_before = joint
@@ -417,7 +407,7 @@ class MonteCarloEM(_Baseline):
         with tf.GradientTape() as tape:
             terms = self.bound_terms(x, training=True)
             objective = -weighted_mean(terms["elbo"], sample_weight)
-            objective = objective + self._penalty(encoder_variables)
+            objective = objective + self._weight_penalty(encoder_variables)
         if encoder_variables:
             gradients = tape.gradient(objective, encoder_variables)
             self.recognition_optimizer.apply(gradients, encoder_variables)

@@ -18,6 +18,7 @@ __all__ = [
     "ESTIMATORS",
     "ESTIMATOR_NAMES",
     "analytic_kl_per_dimension",
+    "free_bits_kl",
     "gaussian_kl",
     "has_analytic_kl",
     "iwae_terms",
@@ -167,3 +168,20 @@ def iwae_terms(log_px_given_z, posterior, prior, z, params_stopped=None):
         log_w_path = log_joint - params_stopped.log_prob(z)
         out["dreg_surrogate"] = ops.sum(ops.square(normalized) * log_w_path, axis=0)
     return out
+
+
+def free_bits_kl(kl, kl_per_dimension, free_bits, sample_weight=None):
+    """The KL term with free bits (Kingma et al., 2016): sum_j max(lambda, mean_batch KL_j).
+
+    The floor applies to each latent dimension's KL averaged over the minibatch (weighted by
+    `sample_weight`); every example then carries that same floored total, shape of `kl`.
+    """
+    if sample_weight is None:
+        per_dimension = ops.mean(kl_per_dimension, axis=0)
+    else:
+        shape = (-1,) + (1,) * (len(kl_per_dimension.shape) - 1)
+        weight = ops.cast(ops.reshape(sample_weight, shape), kl_per_dimension.dtype)
+        per_dimension = ops.sum(kl_per_dimension * weight, axis=0) / ops.maximum(
+            ops.sum(weight), 1e-12
+        )
+    return ops.zeros_like(kl) + ops.sum(ops.maximum(per_dimension, free_bits))

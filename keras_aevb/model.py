@@ -13,6 +13,7 @@ from keras_aevb import inputs, latent
 from keras_aevb.estimator import (
     ESTIMATOR_NAMES,
     analytic_kl_per_dimension,
+    free_bits_kl,
     has_analytic_kl,
     iwae_terms,
     resolve_estimator,
@@ -286,18 +287,16 @@ class AEVB(Executions, SavesGeneratorStates, keras.Model):
         beta = self._beta.at(step, self.compute_dtype)
         kl = terms["kl"]
         if self.free_bits:
-            # Kingma et al. (2016): the floor applies to each dimension's KL averaged over the
-            # minibatch; every example then carries that same floored total.
-            per_dimension = _weighted_mean_over_batch(terms["kl_per_dimension"], sample_weight)
-            floored = ops.sum(ops.maximum(per_dimension, self.free_bits))
-            kl = ops.zeros_like(kl) + floored
+            kl = free_bits_kl(kl, terms["kl_per_dimension"], self.free_bits, sample_weight)
         return terms["reconstruction_log_likelihood"] - beta * kl
 
-    def _weight_penalty(self):
-        """weight_decay / 2 * ||theta||^2, the paper's log p(theta) per datapoint (negated)."""
-        if not self.weight_decay:
+    def _weight_penalty(self, variables=None):
+        """weight_decay / 2 * ||theta||^2 over `variables` (all trainable weights by default):
+        the paper's N(0, I) weight prior, log p(theta) per datapoint, negated."""
+        variables = self.trainable_variables if variables is None else variables
+        if not self.weight_decay or not variables:
             return 0.0
-        squares = [ops.sum(ops.square(v)) for v in self.trainable_variables]
+        squares = [ops.sum(ops.square(v)) for v in variables]
         return 0.5 * self.weight_decay * ops.sum(ops.stack(squares))
 
     def train_step(self, data):
@@ -519,15 +518,6 @@ def weighted_mean(values, sample_weight):
         return ops.mean(values)
     sample_weight = ops.cast(ops.reshape(sample_weight, ops.shape(values)), values.dtype)
     return ops.sum(values * sample_weight) / ops.maximum(ops.sum(sample_weight), 1e-12)
-
-
-def _weighted_mean_over_batch(values, sample_weight):
-    """The (weighted) mean over the batch axis of `[batch, ...]` values: `[...]`."""
-    if sample_weight is None:
-        return ops.mean(values, axis=0)
-    shape = (-1,) + (1,) * (len(values.shape) - 1)
-    weight = ops.cast(ops.reshape(sample_weight, shape), values.dtype)
-    return ops.sum(values * weight, axis=0) / ops.maximum(ops.sum(weight), 1e-12)
 
 
 def _stateless(seed):
