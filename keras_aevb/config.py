@@ -95,22 +95,21 @@ PRESETS = {
 
 
 def parse_positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
+    return _parse_int(text, 1, "a positive integer")
 
 
 def parse_nonnegative_int(text):
+    return _parse_int(text, 0, "an integer >= 0")
+
+
+def _parse_int(text, low, expected):
+    """`int(text)` if it is at least `low`; else the flag's error, naming what it expects."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+        value = None
+    if value is None or value < low:
+        raise argparse.ArgumentTypeError(f"must be {expected}, got {text!r}")
     return value
 
 

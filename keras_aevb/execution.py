@@ -89,7 +89,10 @@ class Executions:
 
     def step_noise(self, batch_size):
         """The random draws of one training step, from the model's generators (a nest)."""
-        raise NotImplementedError
+        raise NotImplementedError(
+            f"{type(self).__name__} declares a block_step but no step_noise: XLA blocks draw "
+            "each step's noise ahead with it (see keras_aevb.execution)."
+        )
 
     def block_noise(self, steps, batch_size):
         """`step_noise` of `steps` consecutive steps, stacked on a leading axis.
