@@ -15,8 +15,10 @@ import tensorflow_probability as tfp
 from keras import ops
 
 from keras_aevb.estimator import sgvb_terms
+from keras_aevb.inputs import unpack_data, weighted_mean
 from keras_aevb.marginal_likelihood import log_joint_fn
-from keras_aevb.model import AEVB, unpack_data, weighted_mean
+from keras_aevb.model import AEVB
+from keras_aevb.objective import weight_penalty
 from keras_aevb.posterior import stateless_seed
 
 __all__ = [
@@ -174,7 +176,9 @@ class WakeSleep(_Baseline):
             dream_x = ops.stop_gradient(ops.cast(dream_x, x.dtype))
             dream_params = self.encoder(dream_x, training=True)
             sleep = ops.mean(self.posterior_layer.distribution(dream_params).log_prob(dream_z))
-            objective = -(wake + sleep) + self._weight_penalty(self.trainable_variables)
+            objective = -(wake + sleep) + weight_penalty(
+                self.trainable_variables, self.weight_decay
+            )
             objective = objective / tf.distribute.get_strategy().num_replicas_in_sync
             scaled = self.optimizer.scale_loss(objective)
         gradients = tape.gradient(scaled, self.trainable_variables)
@@ -395,7 +399,7 @@ class MonteCarloEM(_Baseline):
         for _ in range(self.num_m_steps):
             with tf.GradientTape() as tape:
                 joint = weighted_mean(log_joint(z), sample_weight)
-                objective = -joint + self._weight_penalty(decoder_variables)
+                objective = -joint + weight_penalty(decoder_variables, self.weight_decay)
                 scaled = self.optimizer.scale_loss(objective)
             if joint_before is None:
                 joint_before = joint
@@ -407,7 +411,7 @@ class MonteCarloEM(_Baseline):
         with tf.GradientTape() as tape:
             terms = self.bound_terms(x, training=True)
             objective = -weighted_mean(terms["elbo"], sample_weight)
-            objective = objective + self._weight_penalty(encoder_variables)
+            objective = objective + weight_penalty(encoder_variables, self.weight_decay)
         if encoder_variables:
             gradients = tape.gradient(objective, encoder_variables)
             self.recognition_optimizer.apply(gradients, encoder_variables)

@@ -31,6 +31,7 @@ __all__ = [
     "RunRecorder",
     "bound_divergence",
     "evaluate_bound",
+    "tensorboard_callbacks",
 ]
 
 
@@ -304,6 +305,29 @@ class EventFilesCheck(keras.callbacks.Callback):
             whole = _whole_records(path, self.checked.get(path, 0))
             if whole < path.stat().st_size:
                 os.truncate(path, whole)
+
+
+def tensorboard_callbacks(log_dir, test_x, seed):
+    """A run's TensorBoard callbacks: Keras's scalars (logs/train, logs/validation), the
+    image grids (logs/images) and the check that keeps their event files whole.
+
+    Returns:
+        `(callbacks, events_check)`.
+    """
+    log_dir = Path(log_dir)
+    board = keras.callbacks.TensorBoard(
+        log_dir=str(log_dir), write_graph=False, update_freq="epoch"
+    )
+    images = ImageSummaries(log_dir / "images", test_x, seed=seed)
+    # Keras's TensorBoard writes logs/train and logs/validation through `_writers`.
+    tb_dirs = {"train": log_dir / "train", "val": log_dir / "validation"}
+
+    def writers():
+        found = [(Path(tb_dirs[k]), w) for k, w in board._writers.items() if k in tb_dirs]
+        return found + ([(Path(images.log_dir), images._writer)] if images._writer else [])
+
+    events_check = EventFilesCheck(log_dir, writers)
+    return [board, images, events_check], events_check
 
 
 def _whole_records(path, offset=0):

@@ -79,6 +79,13 @@ class Executions:
 
     # ------------------------------------------------------------ the hooks a model declares
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # A subclass that writes its own train_step and not how a block runs it trains step by
+        # step: blocks would run the inherited block step instead of its own.
+        if "train_step" in cls.__dict__ and "block_step" not in cls.__dict__:
+            cls.block_step = Executions.block_step
+
     def block_step(self):
         """The training step as XLA blocks run it: `(x, noise) -> logs`, or None.
 

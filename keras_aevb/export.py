@@ -215,7 +215,9 @@ class AEVBServingModule(tf.Module):
         posterior = model.posterior_layer.distribution(params)
         z = self._common_noise_sample(params)
         log_px_given_z = model.decoder.log_likelihood(x, model.decoder(z, training=False))
-        terms = sgvb_terms(log_px_given_z, posterior, model.prior_distribution, z, model.estimator)
+        terms = sgvb_terms(
+            log_px_given_z, posterior, model.prior_distribution, z, model.elbo_estimator
+        )
         return tf.cast(terms["elbo"], x.dtype)
 
     # ------------------------------------------------------------------ helpers

@@ -19,8 +19,10 @@ goes through the functions here, so a problem gets the same message wherever it 
 import math
 import warnings
 
+import keras
 import numpy as np
 import tensorflow as tf
+from keras import ops
 
 from keras_aevb._cache import model_cache
 from keras_aevb.data import DataError
@@ -38,8 +40,24 @@ __all__ = [
     "event_layout",
     "event_validation_data",
     "statistics_error",
+    "unpack_data",
     "value_error",
+    "weighted_mean",
 ]
+
+
+def unpack_data(data):
+    """`(x, sample_weight)` of a batch as Keras passes it to a step (targets are ignored)."""
+    x, _, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    return x, sample_weight
+
+
+def weighted_mean(values, sample_weight):
+    """The batch mean of per-example `values`, weighted by `sample_weight` if given."""
+    if sample_weight is None:
+        return ops.mean(values)
+    sample_weight = ops.cast(ops.reshape(sample_weight, ops.shape(values)), values.dtype)
+    return ops.sum(values * sample_weight) / ops.maximum(ops.sum(sample_weight), 1e-12)
 
 
 def accepted_layouts(event_shape):

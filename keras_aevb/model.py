@@ -10,20 +10,18 @@ import tensorflow as tf
 from keras import ops
 
 from keras_aevb import inputs, latent
-from keras_aevb.estimator import (
-    ESTIMATOR_NAMES,
-    analytic_kl_per_dimension,
-    free_bits_kl,
-    has_analytic_kl,
-    iwae_terms,
-    resolve_estimator,
-    sgvb_terms,
-)
+from keras_aevb.estimator import ESTIMATOR_NAMES
 from keras_aevb.execution import DEFAULT_STEPS_PER_EXECUTION, Executions, reducible_logs
 from keras_aevb.families import get_family, reference_params
+from keras_aevb.inputs import unpack_data, weighted_mean
+from keras_aevb.objective import (
+    METRIC_NAMES,
+    Objective,
+    dreg_gradients,
+    with_weight_prior_gradient,
+)
 from keras_aevb.posterior import ReparameterizedPosterior, SavesGeneratorStates, stateless_seed
 from keras_aevb.prior import check_support, make_prior, sample_prior
-from keras_aevb.schedules import KLWeight
 
 __all__ = [
     "unpack_data",
@@ -32,8 +30,6 @@ __all__ = [
     "DEFAULT_STEPS_PER_EXECUTION",
     "METRIC_NAMES",
 ]
-
-METRIC_NAMES = ("loss", "elbo", "reconstruction_log_likelihood", "kl")
 
 
 @keras.saving.register_keras_serializable(package="keras_aevb")
@@ -45,20 +41,14 @@ class AEVB(Executions, SavesGeneratorStates, keras.Model):
 
         L(theta, phi; x) = E_q[log p(x|z)] - KL(q(z|x) || p(z))
 
-    with `estimator="analytic_kl"` (estimator B, eq. 7: KL in closed form, App. B) or
-    `"monte_carlo"` (estimator A, eq. 6), averaged over the minibatch. `"auto"` picks B where
-    `tfd.kl_divergence` knows the pair and A otherwise.
+    averaged over the minibatch, with the paper's N(0, I) weight prior as `weight_decay`
+    (its setting is 1/N); `keras_aevb.objective` states the objective and its variants.
 
     The metrics of `fit` and `evaluate` are nats per datapoint (summed over pixels and latent
-    dimensions, averaged over the batch): `loss` = -ELBO, `elbo`,
-    `reconstruction_log_likelihood` = 1/L sum_l log p(x|z_l), and `kl`; elbo = reconstruction - kl.
-
-    `weight_decay` is the paper's MAP prior p(theta) = N(0, I) on all weights, per datapoint: the
-    paper maximises sum_i L(x_i) + log p(theta), i.e. per datapoint
-    mean_i L(x_i) + log p(theta) / N,
-    so the paper's setting is `weight_decay = 1 / N` (N training examples); the gradient step then
-    minimises -mean ELBO + weight_decay / 2 * ||theta||^2. The reported `loss` stays -ELBO (the
-    penalty is not a property of the data), so numbers compare across settings.
+    dimensions, averaged over the batch): `elbo`, `reconstruction_log_likelihood` =
+    1/L sum_l log p(x|z_l), `kl` (elbo = reconstruction - kl: the bound whatever the
+    objective), and `loss`, the negative objective (-elbo with the defaults; without the
+    weight penalty, which is not a property of the data).
 
     Args:
         encoder: a layer x -> dict of posterior parameters (e.g. `MLPEncoder`).
@@ -66,29 +56,16 @@ class AEVB(Executions, SavesGeneratorStates, keras.Model):
             `log_likelihood` and `output_shape` (`BernoulliDecoder`, `GaussianDecoder`).
         posterior: posterior family name; must match the encoder's.
         prior: p(z): a name in `keras_aevb.prior.PRIORS`, a `tfd.Distribution` or a callable.
-        estimator: "analytic_kl", "monte_carlo", "auto", or "iwae": train on the
-            importance-weighted bound L_k of Burda et al. (2016) with k = `num_samples` (k = 1 is
-            estimator A); its value is the `iwae_bound` metric, and `elbo` stays the ELBO
-            (analytic KL where TFP has it).
+        estimator: "analytic_kl" (B, eq. 7), "monte_carlo" (A, eq. 6), "auto" (B where
+            `tfd.kl_divergence` knows the pair, else A), or "iwae": the importance-weighted
+            bound L_k of Burda et al. (2016), k = `num_samples`, reported as `iwae_bound`.
         num_samples: L, samples of z per datapoint in training and evaluation.
-        weight_decay: 1/N times the precision of the Gaussian weight prior (see above).
+        weight_decay: the weight prior's precision over N: minimises
+            -mean ELBO + weight_decay / 2 * ||theta||^2.
         seed: seed of the posterior's and the prior sampler's random generators.
-        kl_weight: beta, the weight of the KL term in the training objective
-            E_q[log p(x|z)] - beta KL: a number (1, the paper's bound, by default; held in the
-            variable `model.kl_weight`, which a callback may assign without retracing) or a
-            `keras_aevb.schedules.KLSchedule` of the step (KL warm-up, cyclical annealing),
-            evaluated at every step.
-        gradient: "reparameterization" (the pathwise gradient of the objective), or with
-            `estimator="iwae"` "dreg": the doubly-reparameterized encoder gradient of Tucker et
-            al. (2018), unbiased for the same L_k with less variance.
-        free_bits: lambda >= 0, nats per latent dimension (Kingma et al., 2016, "free bits"):
-            the objective's KL is sum_j max(lambda, mean_batch KL_j), so a dimension whose KL
-            is below lambda gets no gradient pushing it to the prior. Needs the analytic KL
-            (estimator B).
-
-    `kl_weight` and `free_bits` change the objective only: the `elbo`,
-    `reconstruction_log_likelihood` and `kl` metrics stay the true bound and its terms, and
-    `loss` is the negative objective (with the defaults, -elbo).
+        kl_weight, free_bits, gradient: reshape the objective (`keras_aevb.objective`): beta
+            in E_q[log p(x|z)] - beta KL (a number, held in the variable `model.kl_weight`, or
+            a `KLSchedule`); free bits' lambda; "reparameterization", or "dreg" with L_k.
 
     Example:
     >>> model = AEVB(MLPEncoder(2, (16,)), BernoulliDecoder((28, 28), (16,)), seed=0)
@@ -142,68 +119,34 @@ class AEVB(Executions, SavesGeneratorStates, keras.Model):
         )
         self.prior_distribution = make_prior(prior, self.latent_dim)
         # Where q(z|x) has mass and p(z) has none, the KL is infinite: refuse before training.
-        check_support(
-            posterior,
-            self.prior_distribution,
-            prior=prior,
-            pair_name=f"posterior={posterior!r} and prior={_prior_name(prior)!r}",
-        )
+        pair_name = f"posterior={posterior!r} and prior={_prior_name(prior)!r}"
+        check_support(posterior, self.prior_distribution, prior=prior, pair_name=pair_name)
         reference_posterior = self.posterior_layer.distribution(
             reference_params(get_family(posterior), self.latent_dim)
         )
-        self.estimator = resolve_estimator(
-            estimator,
-            reference_posterior,
-            self.prior_distribution,
-            pair_name=f"posterior={posterior!r} and prior={_prior_name(prior)!r}",
-        )
-        # The ELBO reported beside an IWAE objective: estimator B where TFP has the KL.
-        self._elbo_estimator = self.estimator
-        if self.estimator == "iwae":
-            analytic = has_analytic_kl(reference_posterior, self.prior_distribution)
-            self._elbo_estimator = "analytic_kl" if analytic else "monte_carlo"
-        if gradient not in ("reparameterization", "dreg"):
-            raise ValueError(f"gradient must be 'reparameterization' or 'dreg', got {gradient!r}.")
-        if gradient == "dreg" and self.estimator != "iwae":
-            raise ValueError(
-                "gradient='dreg' is the doubly-reparameterized gradient of the importance-"
-                "weighted bound: pass estimator='iwae' (with num_samples=k > 1) as well."
-            )
-        self.gradient = gradient
-        names = METRIC_NAMES + (("iwae_bound",) if self.estimator == "iwae" else ())
+        self.objective = Objective(
+            estimator, reference_posterior, self.prior_distribution, pair_name,
+            kl_weight=kl_weight, free_bits=free_bits, gradient=gradient,
+        )  # fmt: skip
+        names = self.objective.metric_names
         self.trackers = {name: keras.metrics.Mean(name=name) for name in names}
-        self._set_objective(kl_weight, free_bits)
 
-    def _set_objective(self, kl_weight, free_bits):
-        self._beta = KLWeight(kl_weight)
-        self.free_bits = float(free_bits)
-        if not 0.0 <= self.free_bits < float("inf"):
-            raise ValueError(f"free_bits must be a finite number >= 0, got {free_bits!r}.")
-        if self.estimator == "iwae" and (
-            self.kl_schedule is not None or self._beta.initial != 1.0 or self.free_bits
-        ):
-            raise ValueError(
-                "kl_weight and free_bits reshape the ELBO's KL term; estimator='iwae' trains on "
-                "the importance-weighted bound, which has none: drop them or use "
-                "estimator='analytic_kl'."
-            )
-        if self.free_bits and self.estimator != "analytic_kl":
-            raise ValueError(
-                "free_bits needs the KL per latent dimension in closed form (estimator B), but "
-                f"this model uses estimator={self.estimator!r}; pass estimator='analytic_kl' "
-                "with a posterior/prior pair that has one (e.g. normal and standard_normal)."
-            )
+    # The objective's settings, as the model's attributes (`keras_aevb.objective`).
+    estimator = property(lambda self: self.objective.estimator, doc="The estimator in use.")
+    elbo_estimator = property(
+        lambda self: self.objective.elbo_estimator, doc="The estimator of the reported `elbo`."
+    )
+    gradient = property(lambda self: self.objective.gradient, doc="The encoder's gradient.")
+    free_bits = property(lambda self: self.objective.free_bits, doc="lambda, nats per dimension.")
+    kl_schedule = property(
+        lambda self: self.objective.beta.schedule, doc="The `KLSchedule` of beta, or None."
+    )
 
     @property
     def kl_weight(self):
         """beta, the KL term's weight in the objective (a `keras.Variable`; assign to change
         it between steps; with a schedule, the value of the last step)."""
-        return self._beta.variable
-
-    @property
-    def kl_schedule(self):
-        """The `KLSchedule` of beta, or None (a constant beta)."""
-        return self._beta.schedule
+        return self.objective.beta.variable
 
     # ---------------------------------------------------------------- building and calling
 
@@ -258,46 +201,13 @@ class AEVB(Executions, SavesGeneratorStates, keras.Model):
         params = self.encoder(x, training=training)
         posterior = self.posterior_layer.distribution(params)
         z = self.posterior_layer.sample(params, num_samples, seed=seed, eps=eps)
-        outputs = self.decoder(z, training=training)
-        log_px_given_z = self.decoder.log_likelihood(x, outputs)
-        terms = sgvb_terms(
-            log_px_given_z, posterior, self.prior_distribution, z, self._elbo_estimator
-        )
-        if self.estimator == "iwae":
-            stopped = None
-            if self.gradient == "dreg" and training:
-                frozen = {name: ops.stop_gradient(value) for name, value in params.items()}
-                stopped = self.posterior_layer.distribution(frozen)
-            terms.update(iwae_terms(log_px_given_z, posterior, self.prior_distribution, z, stopped))
-        if self.free_bits:
-            terms["kl_per_dimension"] = analytic_kl_per_dimension(
-                posterior, self.prior_distribution
+        log_px_given_z = self.decoder.log_likelihood(x, self.decoder(z, training=training))
+        stopped = None  # DReG's q(z|x) at stop-gradient parameters
+        if self.gradient == "dreg" and training:
+            stopped = self.posterior_layer.distribution(
+                {name: ops.stop_gradient(value) for name, value in params.items()}
             )
-        return terms
-
-    def _objective_terms(self, terms, sample_weight, step=None):
-        """Per-example objective E_q[log p(x|z)] - beta KL (free bits: the floored KL).
-
-        `step`: the optimizer's step count, where a schedule gives beta (training); otherwise
-        beta is the `kl_weight` variable's value. With beta = 1 and no free bits every value
-        equals the `elbo` exactly (1.0 * kl is kl in floating point).
-        """
-        if self.estimator == "iwae":
-            return terms["iwae_bound"]
-        beta = self._beta.at(step, self.compute_dtype)
-        kl = terms["kl"]
-        if self.free_bits:
-            kl = free_bits_kl(kl, terms["kl_per_dimension"], self.free_bits, sample_weight)
-        return terms["reconstruction_log_likelihood"] - beta * kl
-
-    def _weight_penalty(self, variables=None):
-        """weight_decay / 2 * ||theta||^2 over `variables` (all trainable weights by default):
-        the paper's N(0, I) weight prior, log p(theta) per datapoint, negated."""
-        variables = self.trainable_variables if variables is None else variables
-        if not self.weight_decay or not variables:
-            return 0.0
-        squares = [ops.sum(ops.square(v)) for v in variables]
-        return 0.5 * self.weight_decay * ops.sum(ops.stack(squares))
+        return self.objective.terms(log_px_given_z, posterior, self.prior_distribution, z, stopped)
 
     def train_step(self, data):
         x, sample_weight = unpack_data(data)
@@ -314,55 +224,28 @@ class AEVB(Executions, SavesGeneratorStates, keras.Model):
 
         with tf.GradientTape(persistent=self.gradient == "dreg") as tape:
             terms = self.bound_terms(x, training=True, eps=eps)
-            terms["objective"] = self._objective_terms(
-                terms, sample_weight, self.optimizer.iterations
+            terms["objective"] = self.objective.per_example(
+                terms, sample_weight, self.compute_dtype, self.optimizer.iterations
             )
             loss = scaled_mean(terms["objective"])
             if self.gradient == "dreg":
                 surrogate = scaled_mean(terms.pop("dreg_surrogate"))
-        gradients = tape.gradient(loss, self.trainable_variables)
+        variables = self.trainable_variables
+        gradients = tape.gradient(loss, variables)
         if self.gradient == "dreg":
-            gradients = self._dreg_gradients(tape, surrogate, gradients)
-        gradients = self._add_weight_prior_gradient(gradients, replicas)
-        self.optimizer.apply(gradients, self.trainable_variables)
+            encoder_variables = self.encoder.trainable_variables
+            gradients = dreg_gradients(tape, surrogate, gradients, variables, encoder_variables)
+        if self.weight_decay:  # scale_loss multiplies: 1, or the loss scale
+            factor = self.optimizer.scale_loss(self.weight_decay / replicas)
+            gradients = with_weight_prior_gradient(gradients, variables, factor)
+        self.optimizer.apply(gradients, variables)
         return self.update_metrics(terms, sample_weight)
 
     def test_step(self, data):
         x, sample_weight = unpack_data(data)
         terms = self.bound_terms(self.check_step_data(x), training=False)
-        terms["objective"] = self._objective_terms(terms, sample_weight)
+        terms["objective"] = self.objective.per_example(terms, sample_weight, self.compute_dtype)
         return reducible_logs(self.update_metrics(terms, sample_weight))
-
-    def predict_step(self, data):
-        x, _ = unpack_data(data)
-        return self(x, training=False)
-
-    def _dreg_gradients(self, tape, surrogate, gradients):
-        """The encoder's gradient is DReG's; the decoder's (and a learned prior's) the
-        bound's own, which has no score-function term to remove."""
-        encoder_variables = self.encoder.trainable_variables
-        dreg = dict(zip(map(id, encoder_variables), tape.gradient(surrogate, encoder_variables),
-                        strict=True))  # fmt: skip
-        return [
-            dreg.get(id(v), g) for g, v in zip(gradients, self.trainable_variables, strict=True)
-        ]
-
-    def _add_weight_prior_gradient(self, gradients, replicas):
-        """Adds weight_decay * theta, the gradient of weight_decay / 2 * ||theta||^2.
-
-        In closed form (2 passes over the weights) rather than through the tape (the penalty's
-        forward and backward, 4-5 passes): bit-identical results, faster steps
-        (benchmarks/BENCHMARKS.md). scale_loss multiplies (1 or the loss scale), so the term
-        is scaled like the rest of the gradient.
-        """
-        if not self.weight_decay:
-            return gradients
-        with tf.name_scope("weight_prior_gradient"):  # named for profiles
-            factor = self.optimizer.scale_loss(self.weight_decay / replicas)
-            return [
-                ops.multiply(ops.cast(factor, v.dtype), v) + (0.0 if g is None else g)
-                for g, v in zip(gradients, self.trainable_variables, strict=True)
-            ]
 
     def update_metrics(self, terms, sample_weight):
         """Updates the trackers with a step's terms; returns `metric_logs()`."""
@@ -377,13 +260,6 @@ class AEVB(Executions, SavesGeneratorStates, keras.Model):
         return {name: tracker.result() for name, tracker in self.trackers.items()}
 
     # ---------------------------------------------------------------- XLA blocks
-
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        # A subclass that writes its own train_step and not how a block runs it trains step by
-        # step: blocks would run the inherited block step instead of its own.
-        if "train_step" in cls.__dict__ and "block_step" not in cls.__dict__:
-            cls.block_step = Executions.block_step
 
     def block_step(self):
         """The training step as XLA blocks run it (`keras_aevb.execution`), or None.
@@ -427,8 +303,9 @@ class AEVB(Executions, SavesGeneratorStates, keras.Model):
         z = F^{-1}(u), u ~ U(0, 1), through the prior's own quantile function where it has one
         (the map the 2-D manifold of Fig. 4 uses), else `prior.sample`.
         """
-        seed = _stateless(seed) if seed is not None else stateless_seed(self.prior_seed_generator)
-        return sample_prior(self.prior_distribution, num_samples, seed)
+        if seed is None:
+            seed = stateless_seed(self.prior_seed_generator)
+        return sample_prior(self.prior_distribution, num_samples, inputs.check_seed(seed))
 
     def sample(self, num_samples, seed=None):
         """Decoder means at z ~ p(z): new data from the generative model (paper Fig. 5)."""
@@ -453,9 +330,8 @@ class AEVB(Executions, SavesGeneratorStates, keras.Model):
 
     def elbo(self, x, num_samples=1, seed=None):
         """Per-example SGVB estimate of the bound with L = `num_samples`, shape `[batch]`."""
-        return self.bound_terms(x, training=False, num_samples=num_samples, seed=_stateless(seed))[
-            "elbo"
-        ]
+        seed = inputs.check_seed(seed)
+        return self.bound_terms(x, training=False, num_samples=num_samples, seed=seed)["elbo"]
 
     def summary(self, *args, **kwargs):
         print_fn = kwargs.get("print_fn") or print
@@ -486,13 +362,10 @@ class AEVB(Executions, SavesGeneratorStates, keras.Model):
             decoder=keras.saving.serialize_keras_object(self.decoder),
             posterior=self.posterior,
             prior=self.prior,
-            estimator=self.estimator,
             num_samples=self.num_samples,
             weight_decay=self.weight_decay,
             seed=self.seed,
-            kl_weight=self._beta.get_config(),
-            free_bits=self.free_bits,
-            gradient=self.gradient,
+            **self.objective.get_config(),
         )
         return config
 
@@ -506,19 +379,3 @@ class AEVB(Executions, SavesGeneratorStates, keras.Model):
 
 def _prior_name(prior):
     return prior if isinstance(prior, str) else type(prior).__name__
-
-
-def unpack_data(data):
-    x, _, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-    return x, sample_weight
-
-
-def weighted_mean(values, sample_weight):
-    if sample_weight is None:
-        return ops.mean(values)
-    sample_weight = ops.cast(ops.reshape(sample_weight, ops.shape(values)), values.dtype)
-    return ops.sum(values * sample_weight) / ops.maximum(ops.sum(sample_weight), 1e-12)
-
-
-def _stateless(seed):
-    return inputs.check_seed(seed)

@@ -11,6 +11,7 @@ from keras_aevb.schedules import LinearWarmup
 
 __all__ = [
     "build_model",
+    "model_for_run",
     "PAPER_DATASETS",
     "PAPER_INIT_STDDEV",
     "PAPER_MNIST_NUM_PARAMS",
@@ -235,3 +236,28 @@ def build_model(
         model = model_class(encoder, decoder, name=f"{method}_{dataset}", **kwargs)
     model.build((None, *event_shape))
     return model
+
+
+def model_for_run(config, event_shape, likelihood, weight_decay, num_examples=None):
+    """`build_model` for a run's `TrainConfig` (`keras_aevb.training`): the settings the config
+    holds, and those the run resolved (the data's event shape and likelihood, weight decay,
+    N for Monte Carlo EM)."""
+    return build_model(
+        config.dataset,
+        tuple(event_shape),
+        config.latent_dim,
+        hidden_units=config.hidden_units,
+        likelihood=likelihood,
+        posterior=config.posterior,
+        prior=config.prior,
+        estimator=config.estimator,
+        num_samples=config.num_samples,
+        weight_decay=weight_decay,
+        seed=config.seed,
+        method=config.method,
+        num_examples=num_examples,
+        beta=config.beta,
+        kl_warmup=config.kl_warmup,
+        free_bits=config.free_bits,
+        gradient=config.gradient,
+    )

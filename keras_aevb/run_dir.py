@@ -1,7 +1,7 @@
 """The run directory that `keras_aevb.training.train` writes: its files, their formats, and
 the checks a resume makes before it writes anything.
 
-    config.json         every setting, resolved
+    config.json         every setting as given ("requested") and as resolved (`config_json`)
     history.csv         HISTORY_COLUMNS, one row per epoch (the data of the paper's Fig. 2)
     model.keras         the trained model (with its optimizer)
     checkpoints/        state.json (the commit point) + the latest epoch's weights
@@ -35,14 +35,19 @@ import json
 import re
 from pathlib import Path
 
+import keras
 import numpy as np
+import tensorflow as tf
 
 from keras_aevb import _io
 from keras_aevb._io import atomic_write
+from keras_aevb.config import jsonable
+from keras_aevb.version import __version__
 
 __all__ = [
     "HISTORY_COLUMNS",
     "Unresumable",
+    "config_json",
     "history_csv_bytes",
     "plan_epochs",
     "save_model",
@@ -62,6 +67,26 @@ def write_bytes(path, payload: bytes):
 
 def write_json(path, obj):
     write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def config_json(config, model, resolved):
+    """config.json's content: the `TrainConfig` as given under "requested", every setting at
+    the top level as resolved (`resolved`: what the run chose or found, e.g. the step size
+    used, the data's binarization), the model's class and the versions that trained it.
+
+    `learning_rate` keeps the request ("auto"); the rate used is `learning_rate_used`.
+    """
+    requested = jsonable(config)
+    return {
+        "requested": requested,
+        **{k: v for k, v in requested.items() if k != "learning_rate"},
+        "learning_rate": config.learning_rate,
+        **resolved,
+        "model_class": type(model).__name__,
+        "keras_aevb_version": __version__,
+        "tensorflow_version": tf.__version__,
+        "keras_version": keras.__version__,
+    }
 
 
 def history_csv_bytes(rows) -> bytes:

@@ -18,6 +18,7 @@ from keras_aevb.config import OPTIMIZERS
 __all__ = [
     "LEARNING_RATE_CANDIDATES",
     "LR_EVAL_EXAMPLES",
+    "choose_learning_rate",
     "make_optimizer",
     "select_learning_rate",
 ]
@@ -52,6 +53,32 @@ def make_optimizer(name, learning_rate, steps_per_pass=None):
             raise ValueError("iwae_adam's schedule counts passes: pass steps_per_pass")
         return iwae_adam(steps_per_pass, float(learning_rate))
     raise ValueError(f"unknown optimizer {name!r}; use one of {', '.join(OPTIMIZERS)}")
+
+
+def choose_learning_rate(config, previous_config, resuming, search):
+    """A run's step size: a resumed run's, the one candidate, the search's, or the given.
+
+    Args:
+        config: the run's `TrainConfig` (`learning_rate`, `lr_candidates`, `optimizer`).
+        previous_config: config.json of the run directory's earlier run, or None.
+        resuming: whether a checkpoint is resumed.
+        search: `search(candidates) -> (rate, {rate: bound})` (`select_learning_rate`),
+            called only when the search is what chooses.
+
+    Returns:
+        `(learning_rate, bounds)`: bounds are the search's, by rate, for config.json (a
+        resumed run keeps its earlier search's), or None.
+    """
+    candidates = tuple(config.lr_candidates or LEARNING_RATE_CANDIDATES[config.optimizer])
+    if resuming or (previous_config and "learning_rate_used" in previous_config):
+        previous = float(previous_config["learning_rate_used"])
+        return previous, previous_config.get("learning_rate_search")
+    if config.learning_rate == "auto" and len(candidates) == 1:
+        return candidates[0], None
+    if config.learning_rate == "auto":
+        learning_rate, bounds = search(candidates)
+        return learning_rate, {f"{rate:g}": bound for rate, bound in bounds.items()}
+    return float(config.learning_rate), None
 
 
 def select_learning_rate(

@@ -30,16 +30,14 @@ from pathlib import Path
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from keras_aevb import _io
 from keras_aevb import data as data_lib
 from keras_aevb.callbacks import (
-    EventFilesCheck,
-    ImageSummaries,
     RunRecorder,
     bound_divergence,
     evaluate_bound,
+    tensorboard_callbacks,
 )
 from keras_aevb.cluster import chief_value, is_chief, make_strategy, tensorboard_available
 from keras_aevb.config import (
@@ -52,9 +50,10 @@ from keras_aevb.config import (
     jsonable,
 )
 from keras_aevb.data import load_eval_split
-from keras_aevb.paper import build_model
+from keras_aevb.paper import build_model, model_for_run
 from keras_aevb.run_dir import (
     HISTORY_COLUMNS,
+    config_json,
     history_csv_bytes,
     plan_epochs,
     read_previous_run,
@@ -65,10 +64,10 @@ from keras_aevb.run_dir import (
 from keras_aevb.step_size import (
     LEARNING_RATE_CANDIDATES,
     LR_EVAL_EXAMPLES,
+    choose_learning_rate,
     make_optimizer,
     select_learning_rate,
 )
-from keras_aevb.version import __version__
 
 __all__ = [
     "DECODERS",
@@ -201,26 +200,11 @@ class _Run:
 
     def build(self):
         """A fresh model of the run's settings (uncompiled)."""
-        config = self.config
-        return build_model(
-            config.dataset,
-            tuple(self.train_info["event_shape"]),
-            config.latent_dim,
-            hidden_units=config.hidden_units,
-            likelihood=self.likelihood,
-            posterior=config.posterior,
-            prior=config.prior,
-            estimator=config.estimator,
-            num_samples=config.num_samples,
-            weight_decay=self.weight_decay,
-            seed=config.seed,
-            method=config.method,
-            num_examples=self.num_train if self.array_input else None,
-            beta=config.beta,
-            kl_warmup=config.kl_warmup,
-            free_bits=config.free_bits,
-            gradient=config.gradient,
-        )
+        num_examples = self.num_train if self.array_input else None
+        return model_for_run(
+            self.config, self.train_info["event_shape"], self.likelihood, self.weight_decay,
+            num_examples,
+        )  # fmt: skip
 
 
 def _train(config: TrainConfig, print_fn, lock) -> TrainResult:
@@ -310,33 +294,21 @@ def _initial_model(run):
 
 def _choose_step_size(run):
     """The run's step size: a resumed run's, the one candidate, the search's, or the given."""
-    config, previous = run.config, run.previous_config
-    candidates = tuple(config.lr_candidates or LEARNING_RATE_CANDIDATES[config.optimizer])
-    lr_bounds = None
-    if run.state is not None or (previous and "learning_rate_used" in previous):
-        learning_rate = float(previous["learning_rate_used"])
-        lr_bounds = previous.get("learning_rate_search")
-    elif config.learning_rate == "auto" and len(candidates) == 1:
-        learning_rate = candidates[0]
-    elif config.learning_rate == "auto":
+    config = run.config
+
+    def search(candidates):
         eval_x = data_lib.fixed_subset(run.train_x, run.train_info, LR_EVAL_EXAMPLES, config.seed)
-        learning_rate, bounds = select_learning_rate(
-            run.build,
-            run.initial_weights,
-            run.training_dataset,
-            eval_x,
-            optimizer=config.optimizer,
-            candidates=candidates,
-            steps=config.lr_search_steps,
-            seed=config.seed,
-            batch_size=config.batch_size,
-            print_fn=run.print_fn,
-        )
-        lr_bounds = {f"{rate:g}": bound for rate, bound in bounds.items()}
-    else:
-        learning_rate = float(config.learning_rate)
+        return select_learning_rate(
+            run.build, run.initial_weights, run.training_dataset, eval_x,
+            optimizer=config.optimizer, candidates=candidates, steps=config.lr_search_steps,
+            seed=config.seed, batch_size=config.batch_size, print_fn=run.print_fn,
+        )  # fmt: skip
+
+    resuming = run.state is not None
+    learning_rate, run.lr_bounds = choose_learning_rate(
+        config, run.previous_config, resuming, search
+    )
     run.learning_rate = chief_value(run.strategy, learning_rate)
-    run.lr_bounds = lr_bounds
 
 
 def _compiled_model(run):
@@ -360,14 +332,9 @@ def _compiled_model(run):
 
 
 def _resolved_config(run, model):
-    """config.json: every setting as given ("requested") and as resolved."""
-    config, plan = run.config, run.plan
-    requested = jsonable(config)
-    binarization = run.binarization
-    return {
-        "requested": requested,
-        **{k: v for k, v in requested.items() if k != "learning_rate"},
-        "learning_rate": config.learning_rate,
+    """config.json (`run_dir.config_json`): the settings and what the run resolved."""
+    config, plan, binarization = run.config, run.plan, run.binarization
+    return config_json(config, model, {
         "learning_rate_used": run.learning_rate,
         "learning_rate_search": run.lr_bounds,
         "binarization": binarization,
@@ -388,11 +355,7 @@ def _resolved_config(run, model):
         "epochs": plan["epochs"],
         "examples_per_epoch": plan["examples_per_epoch"],
         "steps_per_epoch": plan["steps_per_epoch"],
-        "model_class": type(model).__name__,
-        "keras_aevb_version": __version__,
-        "tensorflow_version": tf.__version__,
-        "keras_version": keras.__version__,
-    }
+    })  # fmt: skip
 
 
 def _begin_writing(run, lock, resolved, rows):
@@ -426,7 +389,6 @@ def _callbacks(run, rows):
         train_eval_x=train_eval_x,
         batch_size=config.batch_size,
     )
-    callbacks = [recorder]
     tensorboard = config.tensorboard and tensorboard_available()
     if config.tensorboard and not tensorboard:
         run.print_fn(
@@ -434,20 +396,9 @@ def _callbacks(run, rows):
             "(pip install tensorboard)"
         )
     if not (chief and tensorboard):
-        return recorder, callbacks, None
-    board = keras.callbacks.TensorBoard(
-        log_dir=str(run_dir / "logs"), write_graph=False, update_freq="epoch"
-    )
-    images = ImageSummaries(run_dir / "logs" / "images", run.test_x, seed=config.seed)
-    # Keras's TensorBoard writes logs/train and logs/validation through `_writers`.
-    tb_dirs = {"train": run_dir / "logs" / "train", "val": run_dir / "logs" / "validation"}
-
-    def writers():
-        found = [(Path(tb_dirs[k]), w) for k, w in board._writers.items() if k in tb_dirs]
-        return found + ([(Path(images.log_dir), images._writer)] if images._writer else [])
-
-    events_check = EventFilesCheck(run_dir / "logs", writers)
-    return recorder, [*callbacks, board, images, events_check], events_check
+        return recorder, [recorder], None
+    board, events_check = tensorboard_callbacks(run_dir / "logs", run.test_x, config.seed)
+    return recorder, [recorder, *board], events_check
 
 
 def _fit(run, model, initial_epoch, callbacks, events_check):

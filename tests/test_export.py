@@ -243,6 +243,39 @@ def test_score_settings_are_arguments_of_the_export(tmp_path):
         export_saved_model(model, tmp_path / "m", score_num_samples=0)
 
 
+def test_score_of_an_iwae_model_is_its_elbo_with_the_analytic_kl(tmp_path):
+    # An IWAE model trains on L_k but reports the ELBO with estimator B where TFP has the KL
+    # (`model.elbo`); the export's score is that same number, not estimator A's.
+    model = tiny_model(
+        BERNOULLI_EVENT, keras_aevb.BernoulliDecoder, estimator="iwae", num_samples=3
+    )
+    x = binary_x(3)
+    loaded = tf.saved_model.load(
+        export_saved_model(model, tmp_path / "m", score_num_samples=2, score_seed=(5, 7))
+    )
+    score = loaded.signatures["score"](x=tf.constant(x))["elbo"].numpy()
+    seed = np.array([5, 7], np.int32)
+    expected = [model.elbo(x[i : i + 1], num_samples=2, seed=seed)[0] for i in range(3)]
+    # float32 sums over 784 pixels: 1e-5 relative is a few ulps of ~540 nats (as the test above);
+    # estimator A's KL differs from B's by far more (the test below checks it does).
+    np.testing.assert_allclose(score, expected, rtol=1e-5)
+    assert np.max(np.abs(np.asarray(expected) - _monte_carlo_elbo(model, x, seed))) > 1e-3
+
+
+def _monte_carlo_elbo(model, x, seed):
+    from keras_aevb.estimator import sgvb_terms
+
+    values = []
+    for i in range(len(x)):
+        params = model.encode(x[i : i + 1])
+        z = model.posterior_layer.sample(params, 2, seed=seed)
+        posterior = model.posterior_layer.distribution(params)
+        log_px = model.decoder.log_likelihood(x[i : i + 1], model.decoder(z))
+        terms = sgvb_terms(log_px, posterior, model.prior_distribution, z, "monte_carlo")
+        values.append(float(terms["elbo"][0]))
+    return np.array(values)
+
+
 # ---------------------------------------------------------------------------- bad input
 
 

@@ -222,16 +222,16 @@ def test_the_estimator_is_resolved_on_a_valid_posterior(monkeypatch, posterior):
     # family's constraints (keras_aevb.families.reference_params): a valid distribution, whose
     # samples have a finite log density (raw zeros as constrained parameters gave an Exponential
     # with rate 0).
-    from keras_aevb import model as model_lib
+    from keras_aevb import objective as objective_lib
 
     seen = []
-    resolve = model_lib.resolve_estimator
+    resolve = objective_lib.resolve_estimator
 
     def spy(estimator, reference, prior, pair_name):
         seen.append(reference)
         return resolve(estimator, reference, prior, pair_name)
 
-    monkeypatch.setattr(model_lib, "resolve_estimator", spy)
+    monkeypatch.setattr(objective_lib, "resolve_estimator", spy)
     encoder = keras_aevb.MLPEncoder(2, (4,), posterior=posterior)
     decoder = keras_aevb.BernoulliDecoder((4,), (4,))
     keras_aevb.AEVB(encoder, decoder, posterior=posterior, prior=posterior)

@@ -11,6 +11,7 @@ import tensorflow as tf
 
 import keras_aevb
 from keras_aevb.model import AEVB, DEFAULT_STEPS_PER_EXECUTION, unpack_data, weighted_mean
+from keras_aevb.objective import weight_penalty
 
 EVENT = (4, 4)
 
@@ -36,7 +37,9 @@ class TapePenaltyAEVB(AEVB):
         x, sample_weight = unpack_data(data)
         with tf.GradientTape() as tape:
             terms = self.bound_terms(x, training=True)
-            objective = -weighted_mean(terms["elbo"], sample_weight) + self._weight_penalty()
+            objective = -weighted_mean(terms["elbo"], sample_weight) + weight_penalty(
+                self.trainable_variables, self.weight_decay
+            )
             objective = objective / tf.distribute.get_strategy().num_replicas_in_sync
             scaled = self.optimizer.scale_loss(objective)
         gradients = tape.gradient(scaled, self.trainable_variables)
