@@ -242,22 +242,15 @@ def model_for_run(config, event_shape, likelihood, weight_decay, num_examples=No
     """`build_model` for a run's `TrainConfig` (`keras_aevb.training`): the settings the config
     holds, and those the run resolved (the data's event shape and likelihood, weight decay,
     N for Monte Carlo EM)."""
+    settings = {name: getattr(config, name) for name in _MODEL_SETTINGS}
     return build_model(
-        config.dataset,
-        tuple(event_shape),
-        config.latent_dim,
-        hidden_units=config.hidden_units,
-        likelihood=likelihood,
-        posterior=config.posterior,
-        prior=config.prior,
-        estimator=config.estimator,
-        num_samples=config.num_samples,
-        weight_decay=weight_decay,
-        seed=config.seed,
-        method=config.method,
-        num_examples=num_examples,
-        beta=config.beta,
-        kl_warmup=config.kl_warmup,
-        free_bits=config.free_bits,
-        gradient=config.gradient,
-    )
+        config.dataset, tuple(event_shape), config.latent_dim, likelihood=likelihood,
+        weight_decay=weight_decay, num_examples=num_examples, **settings,
+    )  # fmt: skip
+
+
+# The `TrainConfig` fields that are `build_model` arguments of the same name.
+_MODEL_SETTINGS = (
+    "hidden_units", "posterior", "prior", "estimator", "num_samples", "seed", "method", "beta",
+    "kl_warmup", "free_bits", "gradient",
+)  # fmt: skip
