@@ -23,6 +23,7 @@ objectives; `loss` is the negative objective.
 import tensorflow as tf
 from keras import ops
 
+from keras_aevb.config import GRADIENTS
 from keras_aevb.estimator import (
     analytic_kl_per_dimension,
     free_bits_kl,
@@ -34,7 +35,6 @@ from keras_aevb.estimator import (
 from keras_aevb.schedules import KLWeight
 
 __all__ = [
-    "GRADIENTS",
     "METRIC_NAMES",
     "Objective",
     "dreg_gradients",
@@ -43,7 +43,6 @@ __all__ = [
 ]
 
 METRIC_NAMES = ("loss", "elbo", "reconstruction_log_likelihood", "kl")
-GRADIENTS = ("reparameterization", "dreg")
 
 
 class Objective:
