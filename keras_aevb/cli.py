@@ -470,7 +470,7 @@ def check_plot(args):
 def check_reproduce(args):
     from keras_aevb import reproduce
 
-    runs = reproduce.chosen_runs(args.figure, args.dataset, args.latent_dim)
+    runs = reproduce.chosen_runs(args.figure, args.dataset, args.latent_dim, args.method)
     for dataset in sorted({run.dataset for run in runs}):
         _check_data_files(dataset, args.data_dir, ("train", "test"))
 
@@ -488,6 +488,7 @@ def cmd_reproduce(args):
         mcem_budget=args.mcem_budget,
         pretrained_dir=args.pretrained_dir,
         latent_dims=args.latent_dim,
+        methods=args.method,
         verbose=args.verbose,
     )
     return 0
@@ -988,6 +989,12 @@ def _add_reproduce_command(commands):
         type=_positive_int,
         action="append",
         help="train only the runs with this N_z (repeat for more; default all): a figure in stages",
+    )
+    p.add_argument(
+        "--method",
+        action="append",
+        help="train only the runs of this method: aevb, wake_sleep or mcem (fig3) (repeat for "
+        "more; default all)",
     )
     p.add_argument("--dataset", choices=DATASETS, help="one data set (default: all the figure's)")
     p.add_argument(

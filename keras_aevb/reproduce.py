@@ -51,6 +51,7 @@ __all__ = [
     "chosen_runs",
     "figure_runs",
     "reproduce",
+    "run_command",
     "train_config",
 ]
 
@@ -164,21 +165,47 @@ def figure_runs(figure, dataset=None):
     return runs
 
 
-def chosen_runs(figure, dataset=None, latent_dims=None):
-    """`figure_runs`, only those with N_z in `latent_dims` (None: all); an N_z the figure does
-    not have is a ValueError naming the ones it has."""
+def chosen_runs(figure, dataset=None, latent_dims=None, methods=None):
+    """`figure_runs`, only those with N_z in `latent_dims` and method in `methods` (None: all);
+    a value the figure does not have is a ValueError naming the ones it has."""
     specs = figure_runs(figure, dataset)
-    if latent_dims is None:
-        return specs
-    latent_dims = {int(n) for n in latent_dims}
-    have = sorted({s.latent_dim for s in specs})
-    unknown = sorted(latent_dims - set(have))
-    if unknown:
-        raise ValueError(
-            f"{figure} has no N_z = {', '.join(map(str, unknown))} run; its N_z are "
-            f"{', '.join(map(str, have))}"
-        )
-    return [s for s in specs if s.latent_dim in latent_dims]
+    for field, wanted, name, plural in (
+        ("latent_dim", latent_dims and {int(n) for n in latent_dims}, "N_z = {}", "N_z"),
+        ("method", methods and set(methods), "{}", "methods"),
+    ):
+        if not wanted:
+            continue
+        have = sorted({getattr(s, field) for s in specs})
+        unknown = sorted(wanted - set(have))
+        if unknown:
+            raise ValueError(
+                f"{figure} has no {name.format(', '.join(map(str, unknown)))} run; its {plural} "
+                f"are {', '.join(map(str, have))}"
+            )
+        specs = [s for s in specs if getattr(s, field) in wanted]
+    return specs
+
+
+def run_command(spec, budget, pretrained_dir=None):
+    """The `keras-aevb reproduce` command that trains exactly the run `spec` to `budget`
+    (what a shipped model records: run as written, it retrains that model and no other)."""
+    figure = "fig4" if spec.latent_dim == 2 else "fig2"
+    parts = ["keras-aevb reproduce", figure, "--dataset", spec.dataset]
+    if figure == "fig2":
+        parts += ["--latent-dim", str(spec.latent_dim), "--method", spec.method]
+    parts += ["--budget", _budget_text(budget)]
+    if pretrained_dir is not None:
+        parts += ["--pretrained-dir", str(pretrained_dir)]
+    return " ".join(parts)
+
+
+def _budget_text(budget):
+    """`budget` as the CLI reads it, exactly: 100000000 -> "1e8", 300000 -> "3e5"."""
+    budget = int(budget)
+    exponent = 0
+    while budget % 10 ** (exponent + 1) == 0:
+        exponent += 1
+    return f"{budget // 10**exponent}e{exponent}" if exponent >= 2 else str(budget)
 
 
 def budget_stages(budget):
@@ -238,6 +265,7 @@ def reproduce(
     mcem_budget=None,
     pretrained_dir=None,
     latent_dims=None,
+    methods=None,
     verbose=2,
     print_fn=print,
 ):
@@ -255,6 +283,7 @@ def reproduce(
             None: `budget`.
         latent_dims: train only the runs with these N_z (a figure in stages); the figure
             still draws every panel whose runs have CSVs under `out`.
+        methods: train only the runs of these methods ("aevb", "wake_sleep", "mcem").
         pretrained_dir: if given, the runs that ship as pretrained models
             (`keras_aevb.pretrained_models.SHIPPED_RUNS`) are saved there (weights only).
         verbose: Keras's fit verbosity for the runs.
@@ -269,7 +298,7 @@ def reproduce(
     mcem_budget = budget if mcem_budget is None else _check_budget(mcem_budget, "mcem_budget")
     out_dir = Path(out) / figure
     specs = figure_runs(figure, dataset)
-    chosen = chosen_runs(figure, dataset, latent_dims)
+    chosen = chosen_runs(figure, dataset, latent_dims, methods)
     written = []
     if figure == "fig3":
         for spec in chosen:
@@ -315,15 +344,7 @@ def _ship(spec, result, directory, data_dir, budget):
 
     if spec.name not in SHIPPED_RUNS:
         return []
-    figure = "fig4" if spec.latent_dim == 2 else "fig2"
-    command = (
-        (
-            f"keras-aevb reproduce {figure} --dataset {spec.dataset} --budget {budget:.0e} "
-            f"--pretrained-dir {directory}"
-        )
-        .replace("+0", "")
-        .replace("+", "")
-    )
+    command = run_command(spec, budget, directory)
     return save_pretrained(result.run_dir, SHIPPED_RUNS[spec.name], directory, data_dir, command)
 
 

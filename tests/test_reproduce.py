@@ -8,6 +8,7 @@ extends a run exactly as one longer run, and that a rerun trains nothing.
 
 import csv
 import json
+import shlex
 import subprocess
 import sys
 
@@ -203,3 +204,62 @@ def test_a_pretrained_model_records_the_bound_it_loads_with(tmp_path, monkeypatc
     again = pretrained_models.pretrained_test_bound(model, info)
     # The same draws from the same seed: the recorded value, to float32 summation order.
     np.testing.assert_allclose(again, info["test_bound"]["value"], rtol=1e-5)
+
+
+def test_a_shipped_models_recorded_command_trains_exactly_its_run(monkeypatch):
+    """The command in a pretrained model's JSON, run as written, retrains that model and no
+    other run (the MNIST N_z = 20 model's 10^8 budget must not reach the figure's other nine)."""
+    from keras_aevb import cli, pretrained_models
+
+    recorded = {}
+
+    def save_pretrained(run_dir, name, directory, data_dir, command):
+        recorded[name] = command
+        return []
+
+    monkeypatch.setattr(pretrained_models, "save_pretrained", save_pretrained)
+    shipped = [s for f in ("fig2", "fig4") for s in reproduce.figure_runs(f)]
+    shipped = {s.name: s for s in shipped if s.name in pretrained_models.SHIPPED_RUNS}
+    assert len(shipped) == len(pretrained_models.SHIPPED_RUNS)
+
+    class Result:
+        run_dir = "unused"
+
+    for spec in shipped.values():
+        reproduce._ship(spec, Result(), "saved_models/pretrained", None, 10**8)
+    # And the commands the shipped JSON files hold (saved_models/pretrained).
+    shipped_dir = pretrained_models.pretrained_dir()
+    parser = cli.build_parser()
+    for run_name, spec in shipped.items():
+        name = pretrained_models.SHIPPED_RUNS[run_name]
+        committed = json.loads((shipped_dir / f"{name}.json").read_text())["command"]
+        for command in (recorded[name], committed):
+            _check_command_trains_only(parser, command, run_name)
+
+
+def _check_command_trains_only(parser, command, run_name):
+    argv = shlex.split(command)
+    assert argv[0] == "keras-aevb", command
+    args = parser.parse_args(argv[1:])
+    assert args.pretrained_dir == "saved_models/pretrained", command
+    chosen = reproduce.chosen_runs(args.figure, args.dataset, args.latent_dim, args.method)
+    assert [s.name for s in chosen] == [run_name], command
+
+
+def test_method_chooses_the_runs_of_a_figure_like_latent_dim(tmp_path):
+    names = [s.name for s in reproduce.chosen_runs("fig2", "mnist", [20], ["wake_sleep"])]
+    assert names == ["mnist_nz20_wake_sleep"]
+    names = [s.name for s in reproduce.chosen_runs("fig3", None, None, ["mcem"])]
+    assert names == ["fig3_n1000_mcem"]
+    with pytest.raises(ValueError, match="fig4 has no mcem run; its methods are aevb"):
+        reproduce.chosen_runs("fig4", None, None, ["mcem"])
+    done = subprocess.run(
+        [sys.executable, "-m", "keras_aevb", "reproduce", "fig2", "--method", "mcem"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "fig2 has no mcem run; its methods are aevb, wake_sleep" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
