@@ -230,7 +230,7 @@ def test_a_shipped_models_recorded_command_trains_exactly_its_run(monkeypatch):
     # And the commands the shipped JSON files hold (saved_models/pretrained).
     shipped_dir = pretrained_models.pretrained_dir()
     parser = cli.build_parser()
-    for run_name, spec in shipped.items():
+    for run_name in shipped:
         name = pretrained_models.SHIPPED_RUNS[run_name]
         committed = json.loads((shipped_dir / f"{name}.json").read_text())["command"]
         for command in (recorded[name], committed):
