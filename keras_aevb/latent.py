@@ -1,13 +1,32 @@
 """Walks in the latent space of a trained model: interpolation and traversal.
 
-`AEVB.interpolate` and `AEVB.traverse` call these; both decode points around the posterior
-means `model.embed(x)`.
+`AEVB.embed`, `AEVB.interpolate` and `AEVB.traverse` (`LatentMethods`, mixed into `AEVB`);
+both walks decode points around the posterior means `model.embed(x)`.
 """
 
 import numpy as np
 from keras import ops
 
-__all__ = ["interpolate", "traverse"]
+__all__ = ["LatentMethods", "interpolate", "traverse"]
+
+
+class LatentMethods:
+    """A model's latent tools: the embedding E_q[z|x] and walks from it (mixed into `AEVB`)."""
+
+    def embed(self, x):
+        """The posterior mean E_q[z|x], `[batch, latent_dim]`: a deterministic embedding of x
+        (the mode for families without a mean), for nearest-neighbour search or plots."""
+        return self.posterior_layer.mean(self.encode(x))
+
+    def interpolate(self, x_a, x_b, steps=8, method="spherical"):
+        """Decoded points on the latent path from x_a's embedding to x_b's
+        (`keras_aevb.latent.interpolate`: spherical or linear)."""
+        return interpolate(self, x_a, x_b, steps=steps, method=method)
+
+    def traverse(self, x, dim, values):
+        """Decoded embeddings of x with latent dimension `dim` set to each of `values`
+        (`keras_aevb.latent.traverse`)."""
+        return traverse(self, x, dim, values)
 
 
 def interpolate(model, x_a, x_b, steps=8, method="spherical"):

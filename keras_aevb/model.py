@@ -1,27 +1,31 @@
 """`AEVB`: the variational auto-encoder trained with the SGVB lower bound (paper Algorithm 1).
 
-The model, its bound and its user methods. How `fit` and `evaluate` run the steps (steps per
-execution, XLA blocks, exact step counts, the data check of every batch, the tf.distribute
-workarounds) is `keras_aevb.execution.Executions`, which `AEVB` mixes in.
+The model, its bound and its user methods. Mixed in: how `fit` and `evaluate` run the steps
+(steps per execution, XLA blocks, exact step counts, the data check of every batch, the
+tf.distribute workarounds: `keras_aevb.execution.Executions`), the objective's settings and
+metrics as attributes (`keras_aevb.objective.ObjectiveAttributes`) and the latent tools
+(`keras_aevb.latent.LatentMethods`).
 """
 
 import keras
 import tensorflow as tf
 from keras import ops
 
-from keras_aevb import inputs, latent
+from keras_aevb import inputs
 from keras_aevb.estimator import ESTIMATOR_NAMES
 from keras_aevb.execution import DEFAULT_STEPS_PER_EXECUTION, Executions, reducible_logs
 from keras_aevb.families import get_family, reference_params
 from keras_aevb.inputs import unpack_data, weighted_mean
+from keras_aevb.latent import LatentMethods
 from keras_aevb.objective import (
     METRIC_NAMES,
     Objective,
+    ObjectiveAttributes,
     dreg_gradients,
     with_weight_prior_gradient,
 )
 from keras_aevb.posterior import ReparameterizedPosterior, SavesGeneratorStates, stateless_seed
-from keras_aevb.prior import check_support, make_prior, sample_prior
+from keras_aevb.prior import check_support, make_prior, prior_config, prior_name, sample_prior
 
 __all__ = [
     "unpack_data",
@@ -33,7 +37,7 @@ __all__ = [
 
 
 @keras.saving.register_keras_serializable(package="keras_aevb")
-class AEVB(Executions, SavesGeneratorStates, keras.Model):
+class AEVB(ObjectiveAttributes, LatentMethods, Executions, SavesGeneratorStates, keras.Model):
     """Auto-Encoding Variational Bayes: encoder, reparameterized posterior, decoder, SGVB bound.
 
     Each training step is Algorithm 1 of the paper: draw a minibatch of M datapoints, draw
@@ -99,14 +103,11 @@ class AEVB(Executions, SavesGeneratorStates, keras.Model):
                 f"The encoder emits parameters of the {encoder_family!r} family but "
                 f"posterior={posterior!r}: build the encoder with posterior={posterior!r}."
             )
-        if float(weight_decay) < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}.")
         self.encoder = encoder
         self.decoder = decoder
         self.posterior = posterior
         self.prior = prior
         self.num_samples = int(num_samples)
-        self.weight_decay = float(weight_decay)
         self.seed = seed
         self.latent_dim = int(encoder.latent_dim)
         self.posterior_layer = ReparameterizedPosterior(
@@ -119,7 +120,7 @@ class AEVB(Executions, SavesGeneratorStates, keras.Model):
         )
         self.prior_distribution = make_prior(prior, self.latent_dim)
         # Where q(z|x) has mass and p(z) has none, the KL is infinite: refuse before training.
-        pair_name = f"posterior={posterior!r} and prior={_prior_name(prior)!r}"
+        pair_name = f"posterior={posterior!r} and prior={prior_name(prior)!r}"
         check_support(posterior, self.prior_distribution, prior=prior, pair_name=pair_name)
         reference_posterior = self.posterior_layer.distribution(
             reference_params(get_family(posterior), self.latent_dim)
@@ -127,26 +128,10 @@ class AEVB(Executions, SavesGeneratorStates, keras.Model):
         self.objective = Objective(
             estimator, reference_posterior, self.prior_distribution, pair_name,
             kl_weight=kl_weight, free_bits=free_bits, gradient=gradient,
+            weight_decay=weight_decay,
         )  # fmt: skip
         names = self.objective.metric_names
         self.trackers = {name: keras.metrics.Mean(name=name) for name in names}
-
-    # The objective's settings, as the model's attributes (`keras_aevb.objective`).
-    estimator = property(lambda self: self.objective.estimator, doc="The estimator in use.")
-    elbo_estimator = property(
-        lambda self: self.objective.elbo_estimator, doc="The estimator of the reported `elbo`."
-    )
-    gradient = property(lambda self: self.objective.gradient, doc="The encoder's gradient.")
-    free_bits = property(lambda self: self.objective.free_bits, doc="lambda, nats per dimension.")
-    kl_schedule = property(
-        lambda self: self.objective.beta.schedule, doc="The `KLSchedule` of beta, or None."
-    )
-
-    @property
-    def kl_weight(self):
-        """beta, the KL term's weight in the objective (a `keras.Variable`; assign to change
-        it between steps; with a schedule, the value of the last step)."""
-        return self.objective.beta.variable
 
     # ---------------------------------------------------------------- building and calling
 
@@ -202,11 +187,8 @@ class AEVB(Executions, SavesGeneratorStates, keras.Model):
         posterior = self.posterior_layer.distribution(params)
         z = self.posterior_layer.sample(params, num_samples, seed=seed, eps=eps)
         log_px_given_z = self.decoder.log_likelihood(x, self.decoder(z, training=training))
-        stopped = None  # DReG's q(z|x) at stop-gradient parameters
-        if self.gradient == "dreg" and training:
-            stopped = self.posterior_layer.distribution(
-                {name: ops.stop_gradient(value) for name, value in params.items()}
-            )
+        dreg = self.gradient == "dreg" and training
+        stopped = self.posterior_layer.distribution(params, stop_gradient=True) if dreg else None
         return self.objective.terms(log_px_given_z, posterior, self.prior_distribution, z, stopped)
 
     def train_step(self, data):
@@ -247,18 +229,6 @@ class AEVB(Executions, SavesGeneratorStates, keras.Model):
         terms["objective"] = self.objective.per_example(terms, sample_weight, self.compute_dtype)
         return reducible_logs(self.update_metrics(terms, sample_weight))
 
-    def update_metrics(self, terms, sample_weight):
-        """Updates the trackers with a step's terms; returns `metric_logs()`."""
-        values = dict(terms, loss=-terms.get("objective", terms["elbo"]))
-        for name, tracker in self.trackers.items():
-            tracker.update_state(values[name], sample_weight=sample_weight)
-        return self.metric_logs()
-
-    def metric_logs(self, training=False):
-        """The trackers' current values, by metric name; `training`: the logs of a train
-        step, where a subclass may add train-only metrics (the baselines' diagnostics)."""
-        return {name: tracker.result() for name, tracker in self.trackers.items()}
-
     # ---------------------------------------------------------------- XLA blocks
 
     def block_step(self):
@@ -278,10 +248,6 @@ class AEVB(Executions, SavesGeneratorStates, keras.Model):
         posterior layer's generator, as `train_step` draws it."""
         shape = (self.num_samples, batch_size, self.latent_dim)
         return self.posterior_layer.noise(shape, self.compute_dtype)
-
-    @property
-    def metrics(self):
-        return list(self.trackers.values())
 
     # ---------------------------------------------------------------- user methods
 
@@ -311,23 +277,6 @@ class AEVB(Executions, SavesGeneratorStates, keras.Model):
         """Decoder means at z ~ p(z): new data from the generative model (paper Fig. 5)."""
         return self.decode(self.sample_z(num_samples, seed=seed))
 
-    # ---------------------------------------------------------------- latent tools
-
-    def embed(self, x):
-        """The posterior mean E_q[z|x], `[batch, latent_dim]`: a deterministic embedding of x
-        (the mode for families without a mean), for nearest-neighbour search or plots."""
-        return self.posterior_layer.mean(self.encode(x))
-
-    def interpolate(self, x_a, x_b, steps=8, method="spherical"):
-        """Decoded points on the latent path from x_a's embedding to x_b's
-        (`keras_aevb.latent.interpolate`: spherical or linear)."""
-        return latent.interpolate(self, x_a, x_b, steps=steps, method=method)
-
-    def traverse(self, x, dim, values):
-        """Decoded embeddings of x with latent dimension `dim` set to each of `values`
-        (`keras_aevb.latent.traverse`)."""
-        return latent.traverse(self, x, dim, values)
-
     def elbo(self, x, num_samples=1, seed=None):
         """Per-example SGVB estimate of the bound with L = `num_samples`, shape `[batch]`."""
         seed = inputs.check_seed(seed)
@@ -341,7 +290,7 @@ class AEVB(Executions, SavesGeneratorStates, keras.Model):
     def describe(self):
         """One line naming the posterior, the prior and the estimator in use."""
         return (
-            f"AEVB: posterior={self.posterior!r}, prior={_prior_name(self.prior)!r}, "
+            f"AEVB: posterior={self.posterior!r}, prior={prior_name(self.prior)!r}, "
             f"estimator={self.estimator!r} ({ESTIMATOR_NAMES[self.estimator]}), "
             f"L={self.num_samples}, latent_dim={self.latent_dim}, "
             f"weight_decay={self.weight_decay:g}"
@@ -350,20 +299,13 @@ class AEVB(Executions, SavesGeneratorStates, keras.Model):
     # ---------------------------------------------------------------- serialization
 
     def get_config(self):
-        if not isinstance(self.prior, str):
-            raise ValueError(
-                "This model's prior is a distribution or callable, which a config cannot hold: "
-                "save the weights (model.save_weights) and rebuild the model in code, or use a "
-                "named prior."
-            )
         config = super().get_config()
         config.update(
             encoder=keras.saving.serialize_keras_object(self.encoder),
             decoder=keras.saving.serialize_keras_object(self.decoder),
             posterior=self.posterior,
-            prior=self.prior,
+            prior=prior_config(self.prior),
             num_samples=self.num_samples,
-            weight_decay=self.weight_decay,
             seed=self.seed,
             **self.objective.get_config(),
         )
@@ -375,7 +317,3 @@ class AEVB(Executions, SavesGeneratorStates, keras.Model):
         config["encoder"] = keras.saving.deserialize_keras_object(config["encoder"])
         config["decoder"] = keras.saving.deserialize_keras_object(config["decoder"])
         return cls(**config)
-
-
-def _prior_name(prior):
-    return prior if isinstance(prior, str) else type(prior).__name__

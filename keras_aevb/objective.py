@@ -37,6 +37,7 @@ from keras_aevb.schedules import KLWeight
 __all__ = [
     "METRIC_NAMES",
     "Objective",
+    "ObjectiveAttributes",
     "dreg_gradients",
     "weight_penalty",
     "with_weight_prior_gradient",
@@ -57,6 +58,8 @@ class Objective:
         kl_weight: beta: a finite number >= 0, a `KLSchedule`, or a schedule's config.
         free_bits: lambda >= 0, nats per latent dimension; needs estimator B.
         gradient: "reparameterization", or "dreg" with estimator="iwae".
+        weight_decay: the precision over N of the N(0, I) weight prior (1/N: the paper's MAP
+            prior): a step adds weight_decay / 2 * ||theta||^2 to -mean objective.
 
     Raises:
         ValueError: a setting that cannot work, named with the fix.
@@ -64,7 +67,7 @@ class Objective:
 
     def __init__(
         self, estimator, posterior, prior, pair_name, kl_weight=1.0, free_bits=0.0,
-        gradient="reparameterization",
+        gradient="reparameterization", weight_decay=0.0,
     ):  # fmt: skip
         self.estimator = resolve_estimator(estimator, posterior, prior, pair_name=pair_name)
         self.elbo_estimator = self.estimator
@@ -82,6 +85,13 @@ class Objective:
         self.beta = KLWeight(kl_weight)
         self.free_bits = float(free_bits)
         self._check_kl_shaping()
+        self.weight_decay = float(weight_decay)
+        if not 0.0 <= self.weight_decay < float("inf"):
+            # NaN would make every weight NaN at the first step, silently.
+            raise ValueError(
+                f"weight_decay must be a finite number >= 0 (1/N for the paper's N(0, I) "
+                f"weight prior, 0 for none), got {weight_decay!r}."
+            )
 
     def _check_kl_shaping(self):
         if not 0.0 <= self.free_bits < float("inf"):
@@ -143,7 +153,51 @@ class Objective:
             "kl_weight": self.beta.get_config(),
             "free_bits": self.free_bits,
             "gradient": self.gradient,
+            "weight_decay": self.weight_decay,
         }
+
+
+class ObjectiveAttributes:
+    """A model's objective settings and bound metrics as its attributes (mixed into `AEVB`).
+
+    The model holds `objective` (an `Objective`) and `trackers` (a `keras.metrics.Mean` per
+    name of `objective.metric_names`); the metrics are nats per datapoint.
+    """
+
+    estimator = property(lambda self: self.objective.estimator, doc="The estimator in use.")
+    elbo_estimator = property(
+        lambda self: self.objective.elbo_estimator, doc="The estimator of the reported `elbo`."
+    )
+    gradient = property(lambda self: self.objective.gradient, doc="The encoder's gradient.")
+    free_bits = property(lambda self: self.objective.free_bits, doc="lambda, nats per dimension.")
+    weight_decay = property(
+        lambda self: self.objective.weight_decay, doc="The weight prior's precision over N."
+    )
+    kl_schedule = property(
+        lambda self: self.objective.beta.schedule, doc="The `KLSchedule` of beta, or None."
+    )
+
+    @property
+    def kl_weight(self):
+        """beta, the KL term's weight in the objective (a `keras.Variable`; assign to change
+        it between steps; with a schedule, the value of the last step)."""
+        return self.objective.beta.variable
+
+    @property
+    def metrics(self):
+        return list(self.trackers.values())
+
+    def update_metrics(self, terms, sample_weight):
+        """Updates the trackers with a step's terms; returns `metric_logs()`."""
+        values = dict(terms, loss=-terms.get("objective", terms["elbo"]))
+        for name, tracker in self.trackers.items():
+            tracker.update_state(values[name], sample_weight=sample_weight)
+        return self.metric_logs()
+
+    def metric_logs(self, training=False):
+        """The trackers' current values, by metric name; `training`: the logs of a train
+        step, where a subclass may add train-only metrics (the baselines' diagnostics)."""
+        return {name: tracker.result() for name, tracker in self.trackers.items()}
 
 
 def weight_penalty(variables, weight_decay):

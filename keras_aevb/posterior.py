@@ -110,8 +110,11 @@ class ReparameterizedPosterior(SavesGeneratorStates, keras.layers.Layer):
         """Whether z = g(eps, params) is written out (else TFP's implicit reparameterization)."""
         return self._family.g is not None
 
-    def distribution(self, params):
-        """q(z|x) as a `tfd` distribution with event shape `[latent_dim]`."""
+    def distribution(self, params, stop_gradient=False):
+        """q(z|x) as a `tfd` distribution with event shape `[latent_dim]`; `stop_gradient`:
+        at parameters no gradient flows through (DReG's q, Tucker et al. 2018)."""
+        if stop_gradient:
+            params = {name: tf.stop_gradient(value) for name, value in params.items()}
         return self._family.distribution(params)
 
     def mean(self, params):

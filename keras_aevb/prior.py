@@ -49,6 +49,8 @@ __all__ = [
     "has_quantile",
     "make_prior",
     "posterior_families",
+    "prior_config",
+    "prior_name",
     "prior_names",
     "prior_quantile",
     "sample_prior",
@@ -136,6 +138,22 @@ def prior_names():
         for name, prior in PRIORS.items()
         if name not in PRIOR_ALIASES
     }
+
+
+def prior_name(prior):
+    """How messages name a model's `prior` argument: its name, or its type's."""
+    return prior if isinstance(prior, str) else type(prior).__name__
+
+
+def prior_config(prior):
+    """A model's `prior` argument as its config holds it: a name; else a clear error."""
+    if not isinstance(prior, str):
+        raise ValueError(
+            "This model's prior is a distribution or callable, which a config cannot hold: "
+            "save the weights (model.save_weights) and rebuild the model in code, or use a "
+            "named prior."
+        )
+    return prior
 
 
 def make_prior(prior, latent_dim):
