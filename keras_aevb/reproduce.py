@@ -297,46 +297,52 @@ def reproduce(
     budget = _check_budget(budget, "budget")
     mcem_budget = budget if mcem_budget is None else _check_budget(mcem_budget, "mcem_budget")
     out_dir = Path(out) / figure
-    specs = figure_runs(figure, dataset)
     chosen = chosen_runs(figure, dataset, latent_dims, methods)
-    written = []
     if figure == "fig3":
+        written = []
         for spec in chosen:
             run_budget = mcem_budget if spec.method == "mcem" else budget
             written += _fig3_run_and_score(
                 spec, runs_dir, run_budget, data_dir, out_dir, verbose, print_fn
             )
-        written.append(_plot_fig3(specs, out_dir))
-        return written
-    results = {}
-    for spec in chosen:
-        result = _train(spec, runs_dir, budget, data_dir, verbose, print_fn)
-        results[spec.name] = result
-        written.append(_copy_history(Path(result.run_dir), out_dir / f"{spec.name}.csv"))
-        if pretrained_dir is not None:
-            written += _ship(spec, result, pretrained_dir, data_dir, budget)
+        written.append(_plot_fig3(figure_runs(figure, dataset), out_dir))
+    else:
+        written, models = [], {}
+        for spec in chosen:
+            result = _train(spec, runs_dir, budget, data_dir, verbose, print_fn)
+            models[spec.name] = result.model
+            written.append(_copy_history(Path(result.run_dir), out_dir / f"{spec.name}.csv"))
+            if pretrained_dir is not None:
+                written += _ship(spec, result, pretrained_dir, data_dir, budget)
+        written += _draw(figure, dataset, chosen, models, out_dir)
+    for path in written:
+        print_fn(f"keras-aevb: wrote {path}")
+    return [str(p) for p in written]
+
+
+def _draw(figure, dataset, chosen, models, out_dir):
+    """Fig. 2's panels and summaries (from every run's CSV under `out_dir`), or Fig. 4's
+    manifolds and Fig. 5's samples of the trained `models` (by run name); the paths."""
+    from keras_aevb import plotting
+
     if figure == "fig2":
+        specs = figure_runs(figure, dataset)
+        written = []
         for name in _datasets(figure, dataset):
             panel_specs = [s for s in specs if s.dataset == name]
             written.append(_plot_fig2(panel_specs, out_dir, name))
             written.append(_write_fig2_summary(panel_specs, out_dir, name))
-    elif figure == "fig4":
-        from keras_aevb import plotting
-
-        for spec in chosen:
-            grid = plotting.manifold(results[spec.name].model, grid=20)
-            path = out_dir / f"{spec.dataset}.png"
-            written.append(plotting.save_image(path, grid, scale=2))
-    else:
-        from keras_aevb import plotting
-
-        for spec in chosen:
-            grid = plotting.sample_grid(results[spec.name].model, 100, seed=0, rows=10)
-            path = out_dir / f"{spec.dataset}_nz{spec.latent_dim}.png"
-            written.append(plotting.save_image(path, grid, scale=2))
-    for path in written:
-        print_fn(f"keras-aevb: wrote {path}")
-    return [str(p) for p in written]
+        return written
+    written = []
+    for spec in chosen:
+        model = models[spec.name]
+        if figure == "fig4":
+            grid, stem = plotting.manifold(model, grid=20), spec.dataset
+        else:
+            grid = plotting.sample_grid(model, 100, seed=0, rows=10)
+            stem = f"{spec.dataset}_nz{spec.latent_dim}"
+        written.append(plotting.save_image(out_dir / f"{stem}.png", grid, scale=2))
+    return written
 
 
 def _ship(spec, result, directory, data_dir, budget):

@@ -11,6 +11,7 @@ import json
 import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -116,9 +117,10 @@ def test_fig2_extends_its_runs_as_one_longer_run_and_a_rerun_trains_nothing(tmp_
         np.testing.assert_allclose(float(a["test_elbo"]), float(b["test_elbo"]), rtol=1e-5)
 
     messages = []
-    reproduce.reproduce(
+    written = reproduce.reproduce(
         "fig2", dataset="frey_face", budget=1200, **dict(kwargs, print_fn=messages.append)
     )
+    _assert_each_file_written_is_returned_and_announced(written, messages)
     assert len(_rows(out / "frey_face_nz2_aevb.csv")) == 4
     # A finished run is read, not trained (and no step-size search runs again).
     assert sum("no epochs run" in m for m in messages) == 2, messages
@@ -126,6 +128,15 @@ def test_fig2_extends_its_runs_as_one_longer_run_and_a_rerun_trains_nothing(tmp_
     summary = _rows(out / "frey_face_summary.csv")
     assert [(r["latent_dim"], r["method"]) for r in summary] == [("2", "aevb"), ("2", "wake_sleep")]
     assert summary[0]["examples_seen"] == "1200"
+
+
+def _assert_each_file_written_is_returned_and_announced(written, messages):
+    """`reproduce` returns the paths it wrote as strings and prints a line for each, whatever
+    the figure (a caller and a user of the CLI learn the same list)."""
+    assert written and all(isinstance(p, str) and Path(p).is_file() for p in written), written
+    prefix = "keras-aevb: wrote "
+    announced = [m.removeprefix(prefix) for m in messages if m.startswith(prefix)]
+    assert announced == written
 
 
 @pytest.mark.skipif(not HAS_MNIST, reason="needs ../shared/data/mnist")
@@ -140,7 +151,8 @@ def test_fig3_scores_each_stage_once(tmp_path, monkeypatch):
     monkeypatch.setattr(reproduce, "budget_stages", lambda budget: [500, budget])
     messages = []
     kwargs = dict(runs_dir=tmp_path / "runs", out=tmp_path / "out", verbose=0)
-    reproduce.reproduce("fig3", budget=1000, print_fn=messages.append, **kwargs)
+    written = reproduce.reproduce("fig3", budget=1000, print_fn=messages.append, **kwargs)
+    _assert_each_file_written_is_returned_and_announced(written, messages)
     out = tmp_path / "out" / "fig3"
     aevb = _rows(out / "fig3_n1000_aevb.csv")
     assert [r["examples_seen"] for r in aevb] == ["500", "1000"]
