@@ -57,6 +57,7 @@ from tensorflow.core.protobuf import saved_model_pb2
 from keras_aevb._io import no_space_guard
 from keras_aevb.estimator import sgvb_terms
 from keras_aevb.families import get_family
+from keras_aevb.inputs import positive_int
 
 __all__ = [
     "AEVBServingModule",
@@ -328,8 +329,7 @@ def export_saved_model(
     if isinstance(model, str | os.PathLike):
         model = _load_keras_file(model)
     _check_model(model)
-    if int(score_num_samples) < 1:
-        raise ValueError(f"score_num_samples (L) must be at least 1, got {score_num_samples!r}.")
+    score_num_samples = positive_int(score_num_samples, "score_num_samples")
     if version is not None and (
         isinstance(version, bool) or not isinstance(version, int) or version < 1
     ):

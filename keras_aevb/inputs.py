@@ -28,6 +28,7 @@ from keras_aevb._cache import model_cache
 from keras_aevb.data import DataError
 
 __all__ = [
+    "positive_int",
     "DataError",
     "accepted_layouts",
     "array_statistics",
@@ -147,6 +148,22 @@ def batch_is_bad(decoder, statistics):
     if data_range is not None:
         bad = bad | (low < data_range[0]) | (high > data_range[1])
     return bad
+
+
+def positive_int(value, name):
+    """`value` as an int, if it is a whole number >= 1 (5000 or 5e3); `name` names it in the
+    error. A count of samples, chains or examples is never truncated (int(1.5) == 1) or parsed
+    from text in silence.
+
+    Raises:
+        ValueError: a fraction, a number below 1, NaN, a bool, a string or anything else.
+    """
+    number = isinstance(value, int | float | np.integer | np.floating)
+    if isinstance(value, bool | np.bool_) or not number or not math.isfinite(value):
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    if value != int(value) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    return int(value)
 
 
 def check_seed(seed):

@@ -99,7 +99,7 @@ def log_likelihood(model, x, num_samples=5000, batch_size=None, seed=None, chunk
     Reference: Burda, Grosse & Salakhutdinov, Importance Weighted Autoencoders, ICLR 2016;
     Kingma & Welling, arXiv:1312.6114, section 2.3.
     """
-    num_samples = _positive_int(num_samples, "num_samples")
+    num_samples = inputs.positive_int(num_samples, "num_samples")
     _check_data(model, x)
     event_size = math.prod(model.event_shape)
     step = _log_weight_chunk_fn(model)
@@ -111,7 +111,7 @@ def log_likelihood(model, x, num_samples=5000, batch_size=None, seed=None, chunk
             chunk = max(1, _MAX_CHUNK_VALUES // (n * event_size))
             chunk = max(_NOISE_BLOCK, chunk - chunk % _NOISE_BLOCK)
         else:
-            chunk = _positive_int(chunk_size, "chunk_size")
+            chunk = inputs.positive_int(chunk_size, "chunk_size")
         chunk = min(chunk, num_samples)
         # One seed per batch; the samples' blocks fold their index into it (_NOISE_BLOCK).
         # num_samples and chunk are tensors: no batch traces the step again.
@@ -283,9 +283,9 @@ def _hmc_settings(
 ):
     """Checked settings of `hmc_log_likelihood`, as `_hmc_estimate_fn` takes them; warns
     about latent spaces where the paper found the estimator unreliable."""
-    num_samples = _positive_int(num_samples, "num_samples")
-    num_chains = _positive_int(num_chains, "num_chains")
-    num_leapfrog_steps = _positive_int(num_leapfrog_steps, "num_leapfrog_steps")
+    num_samples = inputs.positive_int(num_samples, "num_samples")
+    num_chains = inputs.positive_int(num_chains, "num_chains")
+    num_leapfrog_steps = inputs.positive_int(num_leapfrog_steps, "num_leapfrog_steps")
     if int(num_burnin_steps) < 0:
         raise ValueError(f"num_burnin_steps must be >= 0, got {num_burnin_steps!r}.")
     if not 0.0 < float(target_accept_prob) < 1.0:
@@ -395,12 +395,6 @@ def _check_data(model, x):
         inputs.check_data(model, x)
 
 
-def _positive_int(value, name):
-    if int(value) < 1 or int(value) != value:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-    return int(value)
-
-
 def _batches(x, batch_size):
     """Yields batches of x from an array/tensor (by batch_size) or a tf.data.Dataset."""
     if isinstance(x, tf.data.Dataset):
@@ -415,7 +409,7 @@ def _batches(x, batch_size):
         return
     if isinstance(x, tuple | list) and x and not np.isscalar(x[0]) and np.ndim(x[0]) > 1:
         x = x[0]
-    batch_size = 100 if batch_size is None else _positive_int(batch_size, "batch_size")
+    batch_size = 100 if batch_size is None else inputs.positive_int(batch_size, "batch_size")
     n = int(x.shape[0]) if hasattr(x, "shape") else len(x)
     for start in range(0, n, batch_size):
         yield x[start : start + batch_size]

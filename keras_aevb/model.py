@@ -107,12 +107,12 @@ class AEVB(ObjectiveAttributes, LatentMethods, Executions, SavesGeneratorStates,
         self.decoder = decoder
         self.posterior = posterior
         self.prior = prior
-        self.num_samples = int(num_samples)
         self.seed = seed
         self.latent_dim = int(encoder.latent_dim)
         self.posterior_layer = ReparameterizedPosterior(
             family=posterior, num_samples=num_samples, seed=seed, name="posterior"
         )
+        self.num_samples = self.posterior_layer.num_samples  # checked there
         # The prior sampler has its own generator so that sample() does not shift the stream of
         # training noise (a run with and without sampling callbacks trains identically).
         self.prior_seed_generator = keras.random.SeedGenerator(

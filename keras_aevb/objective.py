@@ -20,6 +20,7 @@ where TFP has the KL in closed form (`Objective.elbo_estimator`), so numbers com
 objectives; `loss` is the negative objective.
 """
 
+import numpy as np
 import tensorflow as tf
 from keras import ops
 
@@ -85,8 +86,9 @@ class Objective:
         self.beta = KLWeight(kl_weight)
         self.free_bits = float(free_bits)
         self._check_kl_shaping()
-        self.weight_decay = float(weight_decay)
-        if not 0.0 <= self.weight_decay < float("inf"):
+        number = isinstance(weight_decay, int | float | np.integer | np.floating)
+        self.weight_decay = float(weight_decay) if number else float("nan")
+        if isinstance(weight_decay, bool) or not 0.0 <= self.weight_decay < float("inf"):
             # NaN would make every weight NaN at the first step, silently.
             raise ValueError(
                 f"weight_decay must be a finite number >= 0 (1/N for the paper's N(0, I) "

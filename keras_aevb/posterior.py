@@ -4,6 +4,7 @@ import keras
 import tensorflow as tf
 
 from keras_aevb.families import check_reparameterized, get_family
+from keras_aevb.inputs import positive_int
 
 __all__ = [
     "ReparameterizedPosterior",
@@ -89,10 +90,8 @@ class ReparameterizedPosterior(SavesGeneratorStates, keras.layers.Layer):
 
     def __init__(self, family="normal", num_samples=1, seed=None, deterministic=False, **kwargs):
         super().__init__(**kwargs)
-        if int(num_samples) < 1:
-            raise ValueError(f"num_samples (L) must be at least 1, got {num_samples!r}.")
         self.family = family
-        self.num_samples = int(num_samples)
+        self.num_samples = positive_int(num_samples, "num_samples")
         self.seed = seed
         self.deterministic = bool(deterministic)
         self._family = get_family(family)
@@ -138,7 +137,9 @@ class ReparameterizedPosterior(SavesGeneratorStates, keras.layers.Layer):
         """
         if eps is not None:
             return self.g(eps, params)
-        num_samples = self.num_samples if num_samples is None else int(num_samples)
+        if num_samples is None:
+            num_samples = self.num_samples
+        num_samples = positive_int(num_samples, "num_samples")
         seed = stateless_seed(self.seed_generator) if seed is None else tf.cast(seed, "int32")
         replica = tf.distribute.get_replica_context()
         if replica is not None and replica.num_replicas_in_sync > 1:

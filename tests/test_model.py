@@ -207,7 +207,7 @@ def test_posterior_family_mismatch_is_refused():
 
 
 
-@pytest.mark.parametrize("weight_decay", [-1.0, float("nan"), float("inf")])
+@pytest.mark.parametrize("weight_decay", [-1.0, float("nan"), float("inf"), "1e-4", None])
 def test_a_weight_decay_that_is_not_a_finite_number_at_least_0_is_refused(weight_decay):
     # NaN would turn every weight NaN at the first step; a negative precision is no prior.
     with pytest.raises(ValueError, match="weight_decay must be a finite number >= 0"):

@@ -90,3 +90,25 @@ def test_train_reconstruct_and_export_with_several_samples(tmp_path, mnist_dir):
     outputs = loaded.signatures["serving_default"](x=tf.constant(x))
     assert outputs["reconstruction"].shape == (3, 28, 28)
     np.testing.assert_allclose(outputs["reconstruction"], model.reconstruct(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [1.5, 0, -2, "2", True])
+def test_a_count_of_samples_that_is_not_a_positive_integer_is_refused_everywhere(bad, tmp_path):
+    # int(1.5) == 1 and int("2") == 2: before, L was truncated or parsed without a word, and the
+    # bound was estimated with a number of samples the caller never asked for.
+    x = np.zeros((3, *EVENT), "float32")
+    model = tiny_model(1)
+    model.build((None, *EVENT))
+    calls = {
+        "AEVB": lambda: tiny_model(bad),
+        "ReparameterizedPosterior": lambda: keras_aevb.ReparameterizedPosterior(num_samples=bad),
+        "elbo": lambda: model.elbo(x, num_samples=bad),
+        "log_likelihood": lambda: keras_aevb.log_likelihood(model, x, num_samples=bad),
+        "export": lambda: keras_aevb.export_saved_model(
+            model, str(tmp_path / "m"), score_num_samples=bad
+        ),
+    }
+    for where, call in calls.items():
+        with pytest.raises(ValueError, match=r"num_samples must be a positive integer"):
+            call()
+            pytest.fail(f"{where} accepted num_samples={bad!r}")
