@@ -20,6 +20,7 @@ import tensorflow_probability as tfp
 
 from keras_aevb._cache import model_cache
 from keras_aevb.estimator import scalar_factors
+from keras_aevb.inputs import positive_int
 
 __all__ = [
     "ACTIVE_UNIT_THRESHOLD",
@@ -57,7 +58,7 @@ def bound_and_gradient(model, x, method="reparameterization", num_samples=1, see
         (bound, gradient): the mean bound estimate over the minibatch (estimator of the model)
         and the flattened gradient over the encoder's trainable weights, both NumPy.
     """
-    step = _gradient_step(model, method, int(num_samples))
+    step = _gradient_step(model, method, positive_int(num_samples, "num_samples"))
     bound, gradient = step(model.as_event(x), tf.constant(seed, tf.int32))
     return float(bound), gradient.numpy()
 

@@ -7,6 +7,8 @@ both walks decode points around the posterior means `model.embed(x)`.
 import numpy as np
 from keras import ops
 
+from keras_aevb.inputs import positive_int
+
 __all__ = ["LatentMethods", "interpolate", "traverse"]
 
 
@@ -47,7 +49,7 @@ def interpolate(model, x_a, x_b, steps=8, method="spherical"):
     """
     if method not in ("spherical", "linear"):
         raise ValueError(f"method must be 'spherical' or 'linear', got {method!r}")
-    steps = int(steps)
+    steps = positive_int(steps, "steps")
     if steps < 2:
         raise ValueError(f"steps must be at least 2 (the two ends), got {steps}")
     z_a, single = _embed_one_or_many(model, x_a)

@@ -111,7 +111,6 @@ def pretrained_test_bound(model, info, data_dir=None, num_samples=None, seed=Non
     x = _test_x(info, data_dir)
     if num_samples is None:
         num_samples = TEST_BOUND_NUM_SAMPLES[info["dataset"]]
-    num_samples = int(num_samples)
     seed = TEST_BOUND_SEED if seed is None else int(seed)
     values = [
         np.asarray(model.elbo(x[i : i + 100], num_samples=num_samples, seed=seed + i))

@@ -56,6 +56,8 @@ def test_spherical_interpolation_keeps_the_ends_and_follows_the_great_circle(mod
     np.testing.assert_allclose(paths[0, 3], model.decode(mid[None].astype("float32"))[0], atol=1e-5)
     with pytest.raises(ValueError, match="steps must be at least 2"):
         model.interpolate(x_a, x_b, steps=1)
+    with pytest.raises(ValueError, match="steps must be a positive integer"):
+        model.interpolate(x_a, x_b, steps=4.5)  # was a path of 4 points, without a word
     with pytest.raises(ValueError, match="as many examples"):
         model.interpolate(x_a, x_b[:2])
 
