@@ -239,7 +239,7 @@ def test_score_settings_are_arguments_of_the_export(tmp_path):
     seed = np.array([5, 7], np.int32)
     expected = [model.elbo(x[i : i + 1], num_samples=3, seed=seed)[0] for i in range(3)]
     np.testing.assert_allclose(score, expected, rtol=1e-5)
-    with pytest.raises(ValueError, match="at least 1"):
+    with pytest.raises(ValueError, match="score_num_samples must be a positive integer"):
         export_saved_model(model, tmp_path / "m", score_num_samples=0)
 
 
