@@ -761,6 +761,9 @@ def test_sigint_mid_run_is_one_line_then_the_rerun_resumes(tmp_path, mnist_dir):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        # Ctrl-C reaches the CLI as from a terminal even where pytest itself was started with
+        # SIGINT ignored (a background job of a script): an ignored disposition is inherited.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     state_path = run_dir / "checkpoints" / "state.json"
     deadline = time.monotonic() + 240

@@ -189,6 +189,9 @@ def _zygote_main():
         for fd, name in ((1, "out"), (2, "err")):
             os.dup2(os.open(request[name], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
         os.environ.update(request["env"])
+        # As `python -m keras_aevb` from a terminal gets Ctrl-C, even where pytest (and so the
+        # zygote) was started with SIGINT ignored (a background job of a script).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         raise SystemExit(keras_aevb.cli.main(request["argv"]))
 
 

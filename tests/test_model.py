@@ -206,12 +206,12 @@ def test_posterior_family_mismatch_is_refused():
                         posterior="nope")  # fmt: skip
 
 
-
 @pytest.mark.parametrize("weight_decay", [-1.0, float("nan"), float("inf"), "1e-4", None])
 def test_a_weight_decay_that_is_not_a_finite_number_at_least_0_is_refused(weight_decay):
     # NaN would turn every weight NaN at the first step; a negative precision is no prior.
     with pytest.raises(ValueError, match="weight_decay must be a finite number >= 0"):
         tiny_model(weight_decay=weight_decay)
+
 
 def test_non_tensorflow_backend_is_an_import_error_with_the_fix(monkeypatch):
     # A real process under KERAS_BACKEND=jax would need JAX installed; the check reads only
