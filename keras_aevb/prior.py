@@ -36,6 +36,7 @@ from keras_aevb.families import (
     support_contains,
     uniform_noise,
 )
+from keras_aevb.inputs import positive_int
 
 __all__ = [
     "FamilyTable",
@@ -358,7 +359,8 @@ def sample_prior(prior_dist, num_samples, seed):
             the exported `sample` signature).
         seed: stateless int32 pair.
     """
-    num_samples = num_samples if tf.is_tensor(num_samples) else int(num_samples)
+    if not tf.is_tensor(num_samples):
+        num_samples = positive_int(num_samples, "num_samples")
     if has_quantile(prior_dist):
         shape = [num_samples, *prior_dist.event_shape.as_list()]
         return prior_quantile(prior_dist, uniform_noise(shape, prior_dist.dtype, seed))

@@ -103,6 +103,7 @@ def test_a_count_of_samples_that_is_not_a_positive_integer_is_refused_everywhere
         "AEVB": lambda: tiny_model(bad),
         "ReparameterizedPosterior": lambda: keras_aevb.ReparameterizedPosterior(num_samples=bad),
         "elbo": lambda: model.elbo(x, num_samples=bad),
+        "sample": lambda: model.sample(bad, seed=0),
         "log_likelihood": lambda: keras_aevb.log_likelihood(model, x, num_samples=bad),
         "export": lambda: keras_aevb.export_saved_model(
             model, str(tmp_path / "m"), score_num_samples=bad
