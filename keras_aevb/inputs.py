@@ -159,9 +159,13 @@ def positive_int(value, name):
         ValueError: a fraction, a number below 1, NaN, a bool, a string or anything else.
     """
     number = isinstance(value, int | float | np.integer | np.floating)
-    if isinstance(value, bool | np.bool_) or not number or not math.isfinite(value):
-        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-    if value != int(value) or value < 1:
+    if (
+        isinstance(value, bool | np.bool_)
+        or not number
+        or not math.isfinite(value)  # before int(value), which raises on NaN and inf
+        or value != int(value)
+        or value < 1
+    ):
         raise ValueError(f"{name} must be a positive integer, got {value!r}.")
     return int(value)
 
